@@ -1,0 +1,78 @@
+"""The ``dslm`` command: one subcommand per job.
+
+Each job lives in its own module that defines ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``; this file only lists them. A :class:`dslm.errors.UsageError` (or an argparse
+error) becomes a single ``dslm <job>: error: ...`` line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dslm.errors import UsageError
+
+# subcommand -> module implementing it (imported only when that subcommand runs or asks for help)
+COMMANDS: dict[str, str] = {
+    "simulate": "dslm.sim.command",
+    "approximations": "dslm.sim.approximations",
+}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints the usage block before an error; we print one line (exit 2)."""
+
+    def error(self, message: str):  # noqa: D102 - argparse hook
+        raise UsageError(message)
+
+
+def _build(argv: list[str]) -> tuple[argparse.ArgumentParser, str | None]:
+    parser = _OneLineParser(prog="dslm", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, module_name in COMMANDS.items():
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            p = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+        else:
+            sub.add_parser(name, help=_lazy_help(module_name))
+    return parser, chosen
+
+
+def _lazy_help(module_name: str) -> str:
+    module = importlib.import_module(module_name)
+    return module.HELP
+
+
+def _version() -> str:
+    from dslm import __version__
+
+    return f"dslm {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "dslm"
+    try:
+        parser, chosen = _build(argv)
+        if chosen is not None and chosen in COMMANDS:
+            prog = f"dslm {chosen}"
+        args = parser.parse_args(argv)
+        if getattr(args, "_run", None) is None:
+            parser.print_help()
+            return 0 if not argv else 2
+        return int(args._run(args) or 0)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
