@@ -1,7 +1,7 @@
 """The ``dslm`` command: one subcommand per job.
 
-Each job lives in its own module that defines ``HELP`` (one line), ``add_arguments(parser)`` and
-``run(args) -> int``; this file only lists them. A :class:`dslm.errors.UsageError` (or an argparse
+Each job lives in its own module that defines ``add_arguments(parser)`` and ``run(args) -> int``
+(its docstring is the subcommand's description); this file only lists them with a one-line help. A :class:`dslm.errors.UsageError` (or an argparse
 error) becomes a single ``dslm <job>: error: ...`` line on stderr and exit status 2.
 """
 from __future__ import annotations
@@ -12,10 +12,12 @@ import sys
 
 from dslm.errors import UsageError
 
-# subcommand -> module implementing it (imported only when that subcommand runs or asks for help)
-COMMANDS: dict[str, str] = {
-    "simulate": "dslm.sim.command",
-    "approximations": "dslm.sim.approximations",
+# subcommand -> (module implementing it, one-line help); a module is imported only when its
+# subcommand runs, so a slow or broken import never affects another job.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": ("dslm.sim.command", "simulate transformer components and compare their moments with the theory"),
+    "approximations": ("dslm.sim.approximations", "plot the exact ReLU / FFN correlation maps against their approximations"),
+    "prepare-data": ("dslm.data.command", "prepare a pretraining dataset: text source -> WordPiece vocab -> token store"),
 }
 
 
@@ -31,21 +33,16 @@ def _build(argv: list[str]) -> tuple[argparse.ArgumentParser, str | None]:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    for name, module_name in COMMANDS.items():
+    for name, (module_name, help_text) in COMMANDS.items():
         if name == chosen:
             module = importlib.import_module(module_name)
-            p = sub.add_parser(name, help=module.HELP, description=module.HELP,
+            p = sub.add_parser(name, help=help_text, description=module.__doc__,
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
             module.add_arguments(p)
             p.set_defaults(_run=module.run)
         else:
-            sub.add_parser(name, help=_lazy_help(module_name))
+            sub.add_parser(name, help=help_text)
     return parser, chosen
-
-
-def _lazy_help(module_name: str) -> str:
-    module = importlib.import_module(module_name)
-    return module.HELP
 
 
 def _version() -> str:

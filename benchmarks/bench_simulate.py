@@ -1,0 +1,173 @@
+"""Benchmark of `dslm simulate` (issue 2 targets).
+
+1. ``--paper``: the paper grids of all seven components at the chosen precision; per-component
+   seconds and percentiles.
+2. ``--precision-check``: a subset of the matmul components (linear, sha) at fp32, tf32 and bf16,
+   percentiles side by side, to show that reduced-precision matmuls leave them unchanged.
+3. ``--reference-style N``: the reference's method (a full L x L multivariate normal per
+   configuration, torch.cov over L x L, one configuration at a time with a host sync after each)
+   timed on N random configurations per component and extrapolated to the paper grid.
+4. ``--determinism``: the same seed twice gives bit-identical measurements.
+
+Everything lands in one JSON (``--out``); a table is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import numpy as np
+import torch
+
+import dslm.sim.components as comps
+from dslm.sim.runner import resolve_device, resolve_grid, run_component
+
+PRECISION_SUBSET = {
+    "linear": {"d_in": [316], "d_out": [316, 1000], "L": [100]},
+    "sha": {"d": [316], "d_h": [64], "L": [300, 1000], "g": [1.0]},
+}
+
+
+def paper(device, precision, seed):
+    out = {}
+    for name, comp in comps.COMPONENTS.items():
+        res = run_component(comp, resolve_grid(comp, "paper"), device, precision, seed, progress=False)
+        out[name] = {"seconds": res["seconds"], "configs": res["configs"], "percentiles": res["percentiles"]}
+        print(f"paper {name:9s} {res['configs']:6d} configs {res['seconds']:7.2f} s", flush=True)
+    total = sum(v["seconds"] for v in out.values())
+    print(f"paper total {total:.2f} s ({precision})", flush=True)
+    return {"precision": precision, "total_seconds": total, "components": out}
+
+
+def precision_check(device, seed):
+    out = {}
+    for name, sub in PRECISION_SUBSET.items():
+        comp = comps.COMPONENTS[name]
+        grid = resolve_grid(comp, sub)
+        out[name] = {}
+        for precision in ("fp32", "tf32", "bf16"):
+            res = run_component(comp, grid, device, precision, seed, progress=False)
+            out[name][precision] = {"seconds": res["seconds"], "configs": res["configs"],
+                                    "percentiles": res["percentiles"]}
+            rows = "  ".join(f"{k} {v[0]:.1f}/{v[1]:.1f}/{v[2]:.1f}" for k, v in res["percentiles"].items())
+            print(f"precision {name} {precision}: {res['seconds']:.2f} s  {rows}", flush=True)
+    return out
+
+
+# --- the reference's method, for timing --------------------------------------------------------
+
+def _mvn_equicorrelated(shape, mean, std, corr, token_dim=2, device=None, dtype=torch.float32):
+    """Reference-style sampler: a full L x L covariance and a MultivariateNormal per call."""
+    assert shape[0] == 1
+    L = shape[token_dim]
+    m, s, r = float(mean[0]), float(std[0]), float(corr[0])
+    cov = torch.full((L, L), r * s * s, device=device)
+    cov.fill_diagonal_(s * s)
+    dist = torch.distributions.MultivariateNormal(torch.full((L,), m, device=device), cov)
+    other = [n for i, n in enumerate(shape) if i != token_dim]
+    x = dist.sample(tuple(other))                       # (*other, L)
+    return x.movedim(-1, token_dim).contiguous().to(dtype)
+
+
+def _torch_cov_offdiag(y, var_dim):
+    """Reference-style estimator: torch.cov over the L x L matrix, then .item()."""
+    V = y.shape[var_dim]
+    cov = torch.cov(y[0].movedim(var_dim - 1, 0).reshape(V, -1))
+    cov.fill_diagonal_(0)
+    return torch.tensor([cov.mean().item() * V / (V - 1)], device=y.device)
+
+
+def reference_style(device, n_per_component, seed):
+    rng = random.Random(seed)
+    fast = (comps.equicorrelated, comps.offdiag_cov)
+    comps.equicorrelated, comps.offdiag_cov = _mvn_equicorrelated, _torch_cov_offdiag
+    out = {}
+    try:
+        for name, comp in comps.COMPONENTS.items():
+            grid = resolve_grid(comp, "paper")
+            import itertools
+            configs = list(itertools.product(*grid.values()))
+            sample = rng.sample(configs, min(n_per_component, len(configs)))
+            start = time.perf_counter()
+            for c in sample:
+                one = {a: [v] for a, v in zip(grid, c)}
+                res = run_component(comp, one, device, "fp32", seed, progress=False, budget_bytes=1)
+                _ = res["percentiles"]
+            per = (time.perf_counter() - start) / len(sample)
+            out[name] = {"seconds_per_config": per, "configs": len(configs),
+                         "extrapolated_seconds": per * len(configs), "sampled": len(sample)}
+            print(f"reference-style {name:9s} {per * 1e3:8.1f} ms/config -> {per * len(configs):8.1f} s "
+                  f"for {len(configs)} configs", flush=True)
+    finally:
+        comps.equicorrelated, comps.offdiag_cov = fast
+    total = sum(v["extrapolated_seconds"] for v in out.values())
+    print(f"reference-style total (extrapolated) {total:.1f} s", flush=True)
+    return {"total_extrapolated_seconds": total, "components": out}
+
+
+def determinism(device, seed):
+    comp = comps.COMPONENTS["sha"]
+    grid = resolve_grid(comp, {"d": [100], "d_h": [32], "L": [300], "r_g": [0.0]})
+    a = run_component(comp, grid, device, "bf16", seed, progress=False)
+    b = run_component(comp, grid, device, "bf16", seed, progress=False)
+    same = all(np.array_equal(np.array(a["columns"]["measured"][k], dtype=float),
+                              np.array(b["columns"]["measured"][k], dtype=float)) for k in a["columns"]["measured"])
+    print(f"determinism (sha subset, twice, seed {seed}): identical = {same}", flush=True)
+    return {"identical": same}
+
+
+def profile(device, seed):
+    """Top kernels of one sha and one linear subset (where the paper-grid time goes)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name, sub in (("sha", {"d": [1000], "d_h": [64], "L": [1000], "p": [1 / 3]}),
+                      ("linear", {"d_in": [1000], "d_out": [1000], "L": [1000]})):
+        comp = comps.COMPONENTS[name]
+        grid = resolve_grid(comp, sub)
+        run_component(comp, grid, device, "bf16", seed, progress=False)   # warm-up
+        with torch_profile(activities=acts) as prof:
+            res = run_component(comp, grid, device, "bf16", seed, progress=False)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"profile {name}: {res['configs']} configs {res['seconds']:.2f} s", flush=True)
+        print(prof.key_averages().table(sort_by=key, row_limit=14), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="bf16", help="precision of the --paper run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--paper", action="store_true")
+    p.add_argument("--precision-check", action="store_true")
+    p.add_argument("--reference-style", type=int, default=0, metavar="N")
+    p.add_argument("--determinism", action="store_true")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--out", default="bench_simulate.json")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__}
+    print(record, flush=True)
+    if args.profile:
+        profile(device, args.seed)
+    if args.paper:
+        record["paper"] = paper(device, args.precision, args.seed)
+    if args.precision_check:
+        record["precision_check"] = precision_check(device, args.seed)
+    if args.determinism:
+        record["determinism"] = determinism(device, args.seed)
+    if args.reference_style:
+        record["reference_style"] = reference_style(device, args.reference_style, args.seed)
+        if "paper" in record:
+            record["speedup"] = record["reference_style"]["total_extrapolated_seconds"] / record["paper"]["total_seconds"]
+            print(f"speed-up over the reference method: {record['speedup']:.0f}x", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

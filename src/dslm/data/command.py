@@ -1,0 +1,40 @@
+"""Turn a text source into a BERT pretraining dataset directory: the corpus is sentence-split and
+tokenized with a WordPiece vocabulary (given or trained) into a memory-mapped token store with a
+dataset.json manifest. Re-running a finished preparation does nothing."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dslm.data.prepare import DEFAULT_VOCAB_SIZE, prepare_dataset
+from dslm.data.split import parse_split
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", default="embedded",
+                        help="embedded (shipped corpus, no download), tfds (TFDS wikipedia/20230601.en), "
+                             "hf (HF wikimedia/wikipedia 20231101.en), or a .jsonl/.txt file or folder")
+    parser.add_argument("--out", default=None,
+                        help="dataset directory (default: outputs/data/<source name>)")
+    parser.add_argument("--vocab", default=None, help="BERT vocab.txt to use instead of training one")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help=f"size of the WordPiece vocabulary trained when --vocab is not given (default "
+                             f"{DEFAULT_VOCAB_SIZE}; --source embedded without it uses the shipped 8192-token vocab)")
+    parser.add_argument("--split", default="980,10,10", help="train,valid,test document weights")
+    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per CPU)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad input line instead of skipping it")
+    parser.add_argument("--force", action="store_true", help="redo a directory that is already prepared")
+    parser.add_argument("--tfds-data-dir", default=None, help="TFDS data directory (--source tfds)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _default_out(source: str) -> str:
+    name = source if source in ("embedded", "tfds", "hf") else Path(source.rstrip("/")).name.split(".")[0]
+    return str(Path("outputs") / "data" / (name or "corpus"))
+
+
+def run(args: argparse.Namespace) -> int:
+    prepare_dataset(args.out or _default_out(args.source), source=args.source, vocab=args.vocab,
+                    vocab_size=args.vocab_size, split=parse_split(args.split), workers=args.workers,
+                    strict=args.strict, force=args.force, progress=not args.no_progress,
+                    tfds_data_dir=args.tfds_data_dir)
+    return 0

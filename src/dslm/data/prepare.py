@@ -1,0 +1,295 @@
+"""``prepare_dataset``: text source -> vocabulary -> sentence-split token store -> manifest.
+
+Stages, each leaving either a complete file or nothing (temporary file + rename):
+
+1. remote sources (tfds, hf) are streamed once into ``corpus.jsonl`` (kept across reruns);
+2. ``vocab.txt``: a copy of ``--vocab`` or a WordPiece vocabulary trained on the corpus;
+3. ``tokens.bin`` / ``tokens.idx``: documents are read in order, grouped into ~256 kB tasks and
+   sentence-split and tokenized by worker processes (a bounded number of tasks in flight, so memory
+   does not grow with the corpus), then appended to the store in order;
+4. ``dataset.json`` last: a directory without it is incomplete, and a rerun starts it over.
+
+A rerun on a complete directory prepared with the same request does nothing. A lock file keeps two
+processes (for example two figure jobs calling :func:`ensure_embedded_dataset`) from preparing the
+same directory at once. On any error the stage files are removed again (and the directory, if this
+call created it and it is empty).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import fcntl
+import itertools
+import multiprocessing
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dslm import __version__
+from dslm.data.files import copy_atomic, sha256_file, write_json_atomic
+from dslm.data.manifest import FORMAT, MANIFEST_FILE, MANIFEST_VERSION, check_files, read_manifest
+from dslm.data.sentences import split_sentences
+from dslm.data.sources import (EMBEDDED_VOCAB, DocumentReader, SkipLog, Source, check_remote_available, export_documents,
+                               hf_records, resolve_source, tfds_records)
+from dslm.data.split import DEFAULT_SPLIT, split_counts
+from dslm.data.store import BIN_FILE, IDX_FILE, TokenStoreWriter, token_dtype
+from dslm.data.vocab import VOCAB_FILE, SpecialIds, Tokenizer, read_vocab, train_vocab, write_vocab
+from dslm.errors import UsageError
+
+REMOTE_CORPUS = "corpus.jsonl"
+DEFAULT_VOCAB_SIZE = 30522
+_STAGE_FILES = (VOCAB_FILE, BIN_FILE, IDX_FILE, MANIFEST_FILE)
+_TASK_CHARS = 1 << 18
+_LOCK_FILE = ".lock"
+
+
+def prepare_dataset(out_dir: str | Path, source: str = "embedded", vocab: str | Path | None = None,
+                    vocab_size: int | None = None, split: tuple[int, int, int] = DEFAULT_SPLIT,
+                    workers: int | None = None, strict: bool = False, force: bool = False,
+                    progress: bool = True, tfds_data_dir: str | None = None) -> dict:
+    """Prepare (or find already prepared) the dataset directory ``out_dir`` and return its manifest.
+
+    ``source``: ``embedded``, ``tfds``, ``hf`` or a local path (see :mod:`dslm.data.sources`).
+    ``vocab``: a BERT vocab.txt to use; without it a WordPiece vocabulary of ``vocab_size`` tokens
+    (default 30522) is trained on the corpus, except that the embedded corpus uses the vocabulary
+    shipped with it unless ``vocab_size`` is given (so its dataset is the same on every machine). ``split``: document weights train/valid/test. ``workers``: tokenizer
+    processes (default: one per CPU; 0 tokenizes in this process). ``strict``: stop at the first bad
+    line instead of skipping it. ``force``: redo a directory that is complete or incompatible.
+    Prints a summary; bad input raises :class:`UsageError` and leaves no output behind."""
+    out = Path(out_dir)
+    src = resolve_source(source)
+    check_remote_available(src)
+    if vocab is None and vocab_size is None and src.kind == "embedded":
+        vocab = EMBEDDED_VOCAB
+    vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
+    if vocab_size < len(SpecialIds.__dataclass_fields__) + 1:
+        raise UsageError(f"--vocab-size {vocab_size}: too small")
+    given_vocab = read_vocab(vocab) if vocab is not None else None
+    request = {"source": src.name, "split": list(split),
+               "vocab": {"sha256": sha256_file(Path(vocab))} if vocab is not None else {"trained_size": vocab_size}}
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(out):
+            done = _finished(out, request, force)
+            if done is not None:
+                print(f"{out}: already prepared ({done['counts']['documents']:,} documents, "
+                      f"{done['counts']['tokens']:,} tokens); nothing to do")
+                return done
+            _remove_stage_files(out)
+            return _prepare(out, src, request, vocab, given_vocab, split, workers, strict, progress,
+                            tfds_data_dir)
+    except BaseException:
+        _remove_stage_files(out)
+        if created:
+            (out / _LOCK_FILE).unlink(missing_ok=True)
+            if not any(out.iterdir()):
+                out.rmdir()
+        raise
+
+
+def ensure_embedded_dataset(out_dir: str | Path, vocab_size: int | None = None, progress: bool = False) -> Path:
+    """Prepare the embedded corpus in ``out_dir`` unless it is already there; returns the path.
+    For figure scripts and demo jobs that need a small dataset without a download."""
+    prepare_dataset(out_dir, source="embedded", vocab_size=vocab_size, progress=progress)
+    return Path(out_dir)
+
+
+@contextmanager
+def _locked(out: Path):
+    """Hold an exclusive lock on ``out/.lock`` (the file stays: deleting it would let a waiting
+    process and a newcomer hold two different locks)."""
+    with open(out / _LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _finished(out: Path, request: dict, force: bool) -> dict | None:
+    """The manifest when ``out`` already holds this request, complete and intact (sizes and SHA-256
+    as recorded); None when it must be made."""
+    if not (out / MANIFEST_FILE).exists() or force:
+        return None
+    manifest = read_manifest(out)
+    if manifest["request"] != request:
+        raise UsageError(f"{out}: already holds a dataset prepared from {manifest['request']['source']} "
+                         "with other settings; choose another --out or pass --force")
+    check_files(out, manifest, checksums=True)
+    return manifest
+
+
+def _remove_stage_files(out: Path) -> None:
+    for name in _STAGE_FILES:
+        (out / name).unlink(missing_ok=True)
+    for tmp in out.glob("*.tmp"):
+        tmp.unlink()
+
+
+def _prepare(out: Path, src: Source, request: dict, vocab: str | Path | None, given_vocab: list[str] | None,
+             split: tuple[int, int, int], workers: int | None, strict: bool, progress: bool,
+             tfds_data_dir: str | None) -> dict:
+    started = time.perf_counter()
+    skips = SkipLog(strict)
+    files = src.files or (_export_remote(out, src, skips, progress, tfds_data_dir),)
+    if given_vocab is not None:
+        copy_atomic(Path(vocab), out / VOCAB_FILE)
+        tokens = given_vocab
+    else:
+        tokens = _train(files, request["vocab"]["trained_size"], strict, progress)
+        write_vocab(tokens, out / VOCAB_FILE)
+    tokenize_started = time.perf_counter()
+    reader = DocumentReader(files, skips)
+    writer = TokenStoreWriter(out, token_dtype(len(tokens)))
+    try:
+        _tokenize(reader, tokens, writer, workers, progress, sum(_plain_size(f) for f in files))
+        if writer.n_docs == 0:
+            raise UsageError(f"{src.name}: no documents with text"
+                             + (f" ({skips.total} lines skipped: {skips.describe()})" if skips.total else ""))
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    seconds = time.perf_counter() - started
+    manifest = _manifest(out, src, request, vocab, tokens, writer, split, skips, reader.bytes_read)
+    write_json_atomic(out / MANIFEST_FILE, manifest)
+    _print_summary(out, manifest, skips, reader.bytes_read, seconds, time.perf_counter() - tokenize_started)
+    return manifest
+
+
+def _plain_size(path: Path) -> int:
+    """Bytes a progress bar can count towards (compressed files report none)."""
+    return 0 if path.name.endswith(".gz") else path.stat().st_size
+
+
+def _export_remote(out: Path, src: Source, skips: SkipLog, progress: bool, tfds_data_dir: str | None) -> Path:
+    """Stream a remote source to ``out/corpus.jsonl`` once; a complete earlier export is reused."""
+    corpus = out / REMOTE_CORPUS
+    if not corpus.exists():
+        records, total = tfds_records(tfds_data_dir) if src.kind == "tfds" else hf_records()
+        export_documents(records, total, corpus, skips, src.name, progress)
+    return corpus
+
+
+def _train(files, vocab_size: int, strict: bool, progress: bool) -> list[str]:
+    """Train the WordPiece vocabulary on one pass over the corpus (its skip counts are discarded:
+    the tokenizing pass counts the same lines)."""
+    reader = DocumentReader(files, SkipLog(strict))
+    texts = tqdm(reader, desc="train vocab", unit="doc", disable=not progress)
+    return train_vocab(iter(texts), vocab_size)
+
+
+# --- tokenizing pass -------------------------------------------------------------------------------
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokens: list[str]) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(tokens)
+
+
+def _encode_task(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return encode_documents(texts, _worker_tokenizer)
+
+
+def encode_documents(texts: list[str], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sentence-split and tokenize documents: (all token ids, tokens per sentence, sentences per
+    document). Sentences without tokens and documents without sentences are dropped."""
+    sentences, per_doc = [], []
+    for text in texts:
+        parts = split_sentences(text)
+        sentences.extend(parts)
+        per_doc.append(len(parts))
+    ids = tokenizer.encode_batch(sentences)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+    doc_of_sentence = np.repeat(np.arange(len(per_doc)), per_doc)
+    kept = lengths > 0
+    per_doc = np.bincount(doc_of_sentence[kept], minlength=len(per_doc))
+    return flat, lengths[kept], per_doc[per_doc > 0]
+
+
+def _tasks(reader: DocumentReader):
+    batch, chars = [], 0
+    for text in reader:
+        batch.append(text)
+        chars += len(text)
+        if chars >= _TASK_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _tokenize(reader: DocumentReader, tokens: list[str], writer: TokenStoreWriter, workers: int | None,
+              progress: bool, total_bytes: int) -> None:
+    """Feed the reader's documents through the tokenizer workers into the writer, in order."""
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if "fork" not in multiprocessing.get_all_start_methods():
+        workers = 0
+    bar = tqdm(total=total_bytes or None, desc="tokenize", unit="B", unit_scale=True, disable=not progress)
+
+    def write(result) -> None:
+        writer.add(*result)
+        bar.update(reader.bytes_read - bar.n)
+
+    try:
+        if workers == 0:
+            tokenizer = Tokenizer(tokens)
+            for task in _tasks(reader):
+                write(encode_documents(task, tokenizer))
+            return
+        # The vocabulary training may have started Rust threads; forked workers must not reuse them.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        with multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokens,)) as pool:
+            pending: collections.deque = collections.deque()
+            for task in _tasks(reader):
+                pending.append(pool.apply_async(_encode_task, (task,)))
+                if len(pending) >= 2 * workers:
+                    write(pending.popleft().get())
+            while pending:
+                write(pending.popleft().get())
+    finally:
+        bar.close()
+
+
+# --- manifest and summary --------------------------------------------------------------------------
+
+def _manifest(out: Path, src: Source, request: dict, vocab: str | Path | None, tokens: list[str], writer: TokenStoreWriter,
+              split: tuple[int, int, int], skips: SkipLog, bytes_read: int) -> dict:
+    checksums = {**writer.checksums, VOCAB_FILE: sha256_file(out / VOCAB_FILE)}
+    return {
+        "format": FORMAT,
+        "version": MANIFEST_VERSION,
+        "created_by": f"dslm {__version__}",
+        "request": request,
+        "source": {"kind": src.kind, "name": src.name, "files": [str(f) for f in (src.files or (out / REMOTE_CORPUS,))]},
+        "vocab_origin": str(Path(vocab).resolve()) if vocab is not None else "trained on the corpus",
+        "vocab_size": len(tokens),
+        "special_ids": dataclasses.asdict(SpecialIds.of(tokens)),
+        "token_dtype": str(writer.dtype),
+        "counts": {"documents": writer.n_docs, "sentences": writer.n_sentences, "tokens": writer.n_tokens,
+                   "text_bytes": bytes_read, "skipped_lines": dict(skips.counts)},
+        "split": {"weights": list(split), "documents": split_counts(writer.n_docs, split)},
+        "files": {name: {"bytes": (out / name).stat().st_size, "sha256": digest} for name, digest in checksums.items()},
+    }
+
+
+def _print_summary(out: Path, manifest: dict, skips: SkipLog, bytes_read: int, seconds: float,
+                   tokenize_seconds: float) -> None:
+    c = manifest["counts"]
+    mb = bytes_read / 1e6
+    print(f"{out}: {c['documents']:,} documents, {c['sentences']:,} sentences, {c['tokens']:,} tokens "
+          f"(vocab {manifest['vocab_size']:,}) from {mb:.1f} MB of text in {seconds:.1f} s "
+          f"({mb / max(seconds, 1e-9):.2f} MB/s end to end, {mb / max(tokenize_seconds, 1e-9):.2f} MB/s tokenizing)")
+    print("  split (documents): " + ", ".join(f"{k} {v:,}" for k, v in manifest["split"]["documents"].items()))
+    if skips.total:
+        print(f"  skipped {skips.total:,} bad lines: {skips.describe()}")

@@ -1,0 +1,334 @@
+"""BERT with Pre-LN / Post-LN placement and DeepScaleLM residual scaling (THEORY.md section 3).
+
+Modules in the order data flows through them:
+
+    Embeddings        word + position + token-type, summed, dropout (no LayerNorm here)
+    SelfAttention     fused QKV projection, SDPA with padding mask and attention dropout, output proj
+    FeedForward       Linear(d -> d_f), ReLU/GeLU, Linear(d_f -> d)
+    TransformerLayer  LN placement and the residual adds x_next = lam x + beta Dropout(block)
+    BertModel         embeddings, layers, final LayerNorm, tanh pooler of token 0
+    LMHead            dense, activation, LayerNorm, (DSLM logit scale), tied decoder + bias
+    BertForPreTraining  BertModel + LM head (only at masked positions) + binary (NSP/SOP) head
+
+Post-LN follows the Megatron convention: a = LN1(x); h = a + Attn(a); b = LN2(h); out = b + FFN(b),
+so layer 1's LN1 is the original BERT's embedding LayerNorm and the final LN closes the last layer.
+``hidden_states`` are the residual stream (the embedding output, then each layer's output, before
+any following LayerNorm); :func:`dslm.model.hf.hf_hidden_states` maps them to HF's convention.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dslm.errors import UsageError
+from dslm.model.config import BertConfig
+
+IGNORE_INDEX = -100
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _activation(name: str):
+    return F.relu if name == "relu" else F.gelu  # gelu: the exact (erf) form, as HF's "gelu"
+
+
+class Embeddings(nn.Module):
+    """word + position + token-type embeddings, summed, then dropout."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, d)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, d)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None):
+        """The summed embeddings before dropout, shape (batch, seq, d)."""
+        seq_len = input_ids.shape[1]
+        if seq_len > self.position_embeddings.num_embeddings:
+            raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings="
+                             f"{self.position_embeddings.num_embeddings}")
+        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:seq_len]
+        if token_type_ids is None:
+            return x + self.token_type_embeddings.weight[0]
+        return x + self.token_type_embeddings(token_type_ids)
+
+    def forward(self, input_ids, token_type_ids=None):
+        return self.dropout(self.embed(input_ids, token_type_ids))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention. ``qkv.weight`` rows are [Q; K; V] (d rows each), heads are
+    contiguous slices of d_h features inside each."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.dropout_p = config.attention_dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, s, d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(config.hidden_size, config.ffn_size)
+        self.fc_out = nn.Linear(config.ffn_size, config.hidden_size)
+        self.act = _activation(config.activation)
+
+    def forward(self, x):
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+class TransformerLayer(nn.Module):
+    """One layer; both residual adds are x_next = lam x + beta Dropout(block(...)) (the block's
+    bias included), lam = beta = 1 unless DSLM residual scaling is on."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        d, eps = config.hidden_size, config.layer_norm_eps
+        self.pre_ln = config.ln == "pre"
+        self.ln1 = nn.LayerNorm(d, eps=eps)
+        self.attention = SelfAttention(config)
+        self.ln2 = nn.LayerNorm(d, eps=eps)
+        self.ffn = FeedForward(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.lam, self.beta = config.residual_scales()
+
+    def _residual(self, x, block):
+        block = self.dropout(block)
+        if self.lam == 1.0:
+            return torch.add(x, block, alpha=self.beta) if self.beta != 1.0 else x + block
+        return torch.add(x * self.lam, block, alpha=self.beta)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pre_ln:
+            h = self._residual(x, self.attention(self.ln1(x), mask))
+            return self._residual(h, self.ffn(self.ln2(h)))
+        a = self.ln1(x)
+        h = self._residual(a, self.attention(a, mask))
+        b = self.ln2(h)
+        return self._residual(b, self.ffn(b))
+
+
+class Pooler(nn.Module):
+    """tanh(dense(h[:, 0]))."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, h):
+        return torch.tanh(self.dense(h[:, 0]))
+
+
+@dataclass
+class _Output:
+    """Dataclass output that can also be read like a dict (``out["loss"]``)."""
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+    def keys(self):
+        return [f.name for f in fields(self)]
+
+
+@dataclass
+class BertOutput(_Output):
+    last_hidden_state: torch.Tensor            # after the final LayerNorm
+    pooled_output: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # embedding output, then each layer's
+
+
+@dataclass
+class PreTrainingOutput(_Output):
+    loss: torch.Tensor | None = None           # mlm_loss + binary_loss (those given)
+    mlm_loss: torch.Tensor | None = None       # mean over masked tokens
+    binary_loss: torch.Tensor | None = None    # mean over labelled sequences
+    mlm_correct: torch.Tensor | None = None
+    mlm_count: torch.Tensor | None = None
+    binary_correct: torch.Tensor | None = None
+    binary_count: torch.Tensor | None = None
+    mlm_logits: torch.Tensor | None = None     # (n_masked, vocab) with labels, else (B, L, vocab)
+    binary_logits: torch.Tensor | None = None  # (B, 2)
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class _Pretrained:
+    """``save_pretrained(dir)`` / ``from_pretrained(dir)``: config.json + model.safetensors."""
+
+    config: BertConfig
+
+    def save_pretrained(self, directory) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = directory / (WEIGHTS_FILE + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(directory / WEIGHTS_FILE)
+        meta = {"architectures": [type(self).__name__], **self.config.to_dict()}
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location="cpu"):
+        """Load a saved model. ``BertModel.from_pretrained`` also accepts a ``BertForPreTraining``
+        checkpoint and takes its encoder."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = load_config(directory)
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            raise UsageError(f"{weights}: file not found (expected a saved dslm model)")
+        state = load_file(str(weights), device=str(map_location))
+        if cls is BertModel and any(k.startswith("bert.") for k in state):
+            state = {k[5:]: v for k, v in state.items() if k.startswith("bert.")}
+        model = cls(config)
+        model.load_state_dict(state)
+        return model
+
+
+def load_config(directory) -> BertConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise UsageError(f"{path}: file not found (expected a dslm model config)")
+    try:
+        data = json.loads(path.read_text())
+        data.pop("architectures", None)
+        return BertConfig.from_dict(data)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{path}: not a valid dslm BertConfig ({e})") from None
+
+
+def from_pretrained(directory, map_location="cpu"):
+    """Load whichever model class was saved in ``directory``."""
+    path = Path(directory) / CONFIG_FILE
+    name = "BertForPreTraining"
+    if path.is_file():
+        try:
+            name = json.loads(path.read_text()).get("architectures", [name])[0]
+        except (ValueError, AttributeError, IndexError):
+            pass
+    cls = {"BertModel": BertModel, "BertForPreTraining": BertForPreTraining}.get(name)
+    if cls is None:
+        raise UsageError(f"{path}: unknown architecture {name!r}")
+    return cls.from_pretrained(directory, map_location)
+
+
+class BertModel(nn.Module, _Pretrained):
+    """The encoder: embeddings, N layers, final LayerNorm, pooler."""
+
+    def __init__(self, config: BertConfig, init: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
+        self.final_ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pooler = Pooler(config)
+        if init:
+            from dslm.model.init import init_weights
+
+            init_weights(self, config)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None,
+                output_hidden_states: bool = False) -> BertOutput:
+        mask = None
+        if attention_mask is not None:  # (B, 1, 1, L): every query sees the real keys only
+            mask = attention_mask[:, None, None, :].to(torch.bool)
+        x = self.embeddings(input_ids, token_type_ids)
+        hidden = [x] if output_hidden_states else None
+        for layer in self.layers:
+            x = layer(x, mask)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.final_ln(x)
+        return BertOutput(x, self.pooler(x), tuple(hidden) if hidden is not None else None)
+
+
+class LMHead(nn.Module):
+    """dense d->d, activation, LayerNorm, times ``logit_scale`` (DSLM), tied decoder + bias."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.dense = nn.Linear(d, d)
+        self.act = _activation(config.activation)
+        self.ln = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.logit_scale = config.logit_scale()
+
+    def forward(self, h, decoder_weight):
+        h = self.ln(self.act(self.dense(h)))
+        if self.logit_scale != 1.0:
+            h = h * self.logit_scale
+        return F.linear(h, decoder_weight, self.bias)
+
+
+class BertForPreTraining(nn.Module, _Pretrained):
+    """BERT with the masked-LM head (decoder tied to the word embeddings) and a binary head on the
+    pooled token 0 (next-sentence / sentence-order prediction)."""
+
+    def __init__(self, config: BertConfig, init: bool = True):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, init=False)
+        self.lm_head = LMHead(config)
+        self.binary_head = nn.Linear(config.hidden_size, 2)
+        if init:
+            from dslm.model.init import init_weights
+
+            init_weights(self, config)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, mlm_labels=None,
+                binary_labels=None, output_hidden_states: bool = False) -> PreTrainingOutput:
+        enc = self.bert(input_ids, token_type_ids, attention_mask, output_hidden_states)
+        out = PreTrainingOutput(hidden_states=enc.hidden_states)
+        decoder = self.bert.embeddings.word_embeddings.weight
+        seq = enc.last_hidden_state
+        losses = []
+        if mlm_labels is None:
+            out.mlm_logits = self.lm_head(seq, decoder)
+        else:
+            # Only the masked positions go through the LM head (d x vocab per token is the largest
+            # matmul of BERT). The boolean gather is the one host sync (its size is data dependent).
+            selected = mlm_labels.reshape(-1) != IGNORE_INDEX
+            index = selected.nonzero().squeeze(1)
+            labels = mlm_labels.reshape(-1).index_select(0, index)
+            logits = self.lm_head(seq.reshape(-1, seq.shape[-1]).index_select(0, index), decoder)
+            count = selected.sum()
+            total = F.cross_entropy(logits.float(), labels, reduction="sum")
+            out.mlm_loss = total / count.clamp(min=1)
+            out.mlm_logits, out.mlm_count = logits, count
+            out.mlm_correct = (logits.argmax(-1) == labels).sum()
+            losses.append(out.mlm_loss)
+        out.binary_logits = self.binary_head(enc.pooled_output)
+        if binary_labels is not None:
+            valid = binary_labels != IGNORE_INDEX
+            count = valid.sum()
+            total = F.cross_entropy(out.binary_logits.float(), binary_labels,
+                                    ignore_index=IGNORE_INDEX, reduction="sum")
+            out.binary_loss = total / count.clamp(min=1)
+            out.binary_count = count
+            out.binary_correct = ((out.binary_logits.argmax(-1) == binary_labels) & valid).sum()
+            losses.append(out.binary_loss)
+        if losses:
+            out.loss = losses[0] if len(losses) == 1 else losses[0] + losses[1]
+        return out

@@ -1,0 +1,140 @@
+"""Initialisation schemes of the reference BERT (THEORY.md section 3), applied to a built model.
+
+| weight                              | megatron | xavier            | dslm                          |
+|-------------------------------------|----------|-------------------|-------------------------------|
+| word, position, token-type (each)   | 0.02     | sqrt(1/d)         | sqrt((1 - p)/3)               |
+| Q and K                             | 0.02     | sqrt(2/(d + d_h)) | sqrt(1/d)                     |
+| V                                   | 0.02     | sqrt(2/(d + d_h)) | s_vo(layer)                   |
+| attention output                    | 0.02     | sqrt(1/d)         | s_vo(layer)                   |
+| FFN in and out                      | 0.02     | sqrt(2/(d + d_f)) | (2 (1 - p)/(d d_f))^(1/4)     |
+| LM-head dense, pooler               | 0.02     | 1/sqrt(d)         | 1/sqrt(d)                     |
+| binary head d -> 2                  | 0.02     | sqrt(2/(d + 2))   | 1/sqrt(d)                     |
+
+All biases 0, LayerNorm gain 1 / bias 0. With d_f = 4d the FFN entries are the table's
+sqrt(2/(5d)) and sqrt(sqrt((1 - p)/2)/d); for other widths they keep the same meaning (Xavier's
+fan average; DSLM's FFN output variance 1 - p). The DSLM numbers come from
+:func:`dslm.theory.dslm_init.dslm_stds` (via :meth:`BertConfig.dslm_stds`), including the per-layer
+s_vo recursion; the LM-logit scale and the residual scales live in the config.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dslm.model.config import BertConfig
+
+MEGATRON_STD = 0.02
+
+
+@dataclass(frozen=True)
+class InitEntry:
+    """One weight (or a row block of the fused QKV weight) and the std it is drawn with."""
+
+    name: str            # parameter name in ``model.named_parameters()``
+    role: str            # embedding | q | k | v | attn_out | ffn_in | ffn_out | lm_dense | pooler | binary
+    std: float
+    layer: int | None = None
+    rows: tuple[int, int] | None = None  # [start, stop) rows of the parameter, None = all
+
+
+def scheme_stds(config: BertConfig) -> dict:
+    """The table column of ``config.weight_scheme``: role -> std, with keys embedding, qk, v and
+    attn_out (per-layer lists), ffn, head (LM-head dense and pooler) and binary."""
+    d, d_h, d_f, n = config.hidden_size, config.head_dim, config.ffn_size, config.num_layers
+    scheme = config.weight_scheme
+    if scheme == "megatron":
+        s = MEGATRON_STD
+        return dict(embedding=s, qk=s, v=[s] * n, attn_out=[s] * n, ffn=s, head=s, binary=s)
+    if scheme == "xavier":
+        return dict(embedding=math.sqrt(1 / d), qk=math.sqrt(2 / (d + d_h)),
+                    v=[math.sqrt(2 / (d + d_h))] * n, attn_out=[math.sqrt(1 / d)] * n,
+                    ffn=math.sqrt(2 / (d + d_f)), head=1 / math.sqrt(d),
+                    binary=math.sqrt(2 / (d + 2)))
+    stds = config.dslm_stds()
+    vo = [float(v) for v in stds.vo]
+    # the table's FFN std is for d_f = 4d; (4d/d_f)^(1/4) keeps the block's output variance 1 - p
+    ffn = stds.ffn * (4 * d / d_f) ** 0.25
+    return dict(embedding=stds.embedding, qk=stds.qk, v=vo, attn_out=vo, ffn=ffn,
+                head=stds.head, binary=stds.head)
+
+
+def _encoder(model):
+    return model.bert if hasattr(model, "bert") else model
+
+
+def init_plan(model: nn.Module, config: BertConfig | None = None) -> list[InitEntry]:
+    """Every weight matrix / embedding table of ``model`` (a ``BertModel`` or
+    ``BertForPreTraining``) with the std its scheme draws it from."""
+    config = config or model.config
+    roles = scheme_stds(config)
+    d = config.hidden_size
+    prefix = "bert." if hasattr(model, "bert") else ""
+    plan = [InitEntry(f"{prefix}embeddings.{t}_embeddings.weight", "embedding", roles["embedding"])
+            for t in ("word", "position", "token_type")]
+    for i in range(len(_encoder(model).layers)):
+        p = f"{prefix}layers.{i}."
+        qkv = p + "attention.qkv.weight"
+        plan += [
+            InitEntry(qkv, "q", roles["qk"], i, (0, d)),
+            InitEntry(qkv, "k", roles["qk"], i, (d, 2 * d)),
+            InitEntry(qkv, "v", roles["v"][i], i, (2 * d, 3 * d)),
+            InitEntry(p + "attention.out.weight", "attn_out", roles["attn_out"][i], i),
+            InitEntry(p + "ffn.fc_in.weight", "ffn_in", roles["ffn"], i),
+            InitEntry(p + "ffn.fc_out.weight", "ffn_out", roles["ffn"], i),
+        ]
+    plan.append(InitEntry(f"{prefix}pooler.dense.weight", "pooler", roles["head"]))
+    if hasattr(model, "lm_head"):
+        plan.append(InitEntry("lm_head.dense.weight", "lm_dense", roles["head"]))
+        plan.append(InitEntry("binary_head.weight", "binary", roles["binary"]))
+    return plan
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, config: BertConfig | None = None,
+                 generator: torch.Generator | None = None) -> nn.Module:
+    """Initialise ``model`` in place by ``config.init`` (megatron / xavier / dslm): weights from
+    N(0, std^2) per :func:`init_plan`, every bias 0, every LayerNorm gain 1 and bias 0."""
+    config = config or model.config
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.zero_()
+    params = dict(model.named_parameters())
+    for entry in init_plan(model, config):
+        target = params[entry.name]
+        if entry.rows is not None:
+            target = target[entry.rows[0]:entry.rows[1]]
+        target.normal_(0.0, entry.std, generator=generator)
+    return model
+
+
+@torch.no_grad()
+def measure_r0(model_or_embeddings: nn.Module, batch: dict) -> float:
+    """Cross-token correlation of the summed input embeddings (word + position + token type,
+    without dropout) on a data batch: the mean off-diagonal correlation over non-pad tokens, pooled
+    over features and sequences (:class:`dslm.probe.stats.TokenMoments`). This is the r0 of the
+    DSLM s_vo recursion (``--r0 auto``); the result is clipped into (0, 1]."""
+    from dslm.probe.stats import TokenMoments
+
+    emb = model_or_embeddings
+    if hasattr(emb, "bert"):
+        emb = emb.bert
+    if hasattr(emb, "embeddings"):
+        emb = emb.embeddings
+    device = emb.word_embeddings.weight.device
+    ids = batch["input_ids"].to(device)
+    types = batch.get("token_type_ids")
+    mask = batch.get("attention_mask")
+    x = emb.embed(ids, None if types is None else types.to(device))
+    moments = TokenMoments(device)
+    moments.add(x, None if mask is None else mask.to(device))
+    r = float(moments.result()[2])
+    if not math.isfinite(r):
+        raise ValueError("cannot measure r0: the batch needs sequences with at least 2 real tokens")
+    return min(max(r, 1e-6), 1.0)

@@ -1,0 +1,76 @@
+"""``dslm simulate``: Monte-Carlo check of every component formula (THEORY.md sections 1 and 4)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from dslm.errors import UsageError
+from dslm.sim.components import COMPONENTS
+from dslm.sim.runner import (GRIDS, PRECISIONS, format_report, load_grid_file, resolve_device,
+                             resolve_grid, resolve_precision, run_component)
+
+def add_arguments(p):
+    p.add_argument("--component", nargs="+", default=["all"], metavar="NAME",
+                   help=f"components to simulate: all or any of {', '.join(COMPONENTS)}")
+    p.add_argument("--grid", default="quick",
+                   help="quick (reduced grid, <= 60 s on 2 CPU cores), paper (THEORY.md section 4 grids "
+                        "and sample counts) or PATH.json ({component: {axis: [values]}}; axes not given "
+                        "take the paper grid's values; only the file's components run)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to simulate (auto: cuda if available)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="matmul precision of linear and sha (auto: bf16 on cuda, fp32 on cpu); "
+                        "elementwise components always run in fp32")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed + device = same JSON)")
+    p.add_argument("--budget-gb", type=float, default=None,
+                   help="memory per batched chunk in GiB (default 16 on cuda, 3 on cpu)")
+    p.add_argument("--json", default=None, metavar="OUT.json",
+                   help="write grids, percentiles and every configuration's predicted and measured values")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _selected(names: list[str]) -> list[str]:
+    if "all" in names:
+        return list(COMPONENTS)
+    for name in names:
+        if name not in COMPONENTS:
+            raise UsageError(f"unknown component {name!r}; choose all or any of {', '.join(COMPONENTS)}")
+    return list(dict.fromkeys(names))
+
+
+def run(args) -> int:
+    names = _selected(args.component)
+    if args.grid in GRIDS:
+        specs = {name: args.grid for name in names}
+    else:
+        file_grid = load_grid_file(args.grid)
+        specs = {name: g for name, g in file_grid.items() if "all" in args.component or name in names}
+        if not specs:
+            raise UsageError(f"grid file {args.grid} has none of the requested components")
+    grids = {name: resolve_grid(COMPONENTS[name], spec) for name, spec in specs.items()}
+    if args.budget_gb is not None and args.budget_gb <= 0:
+        raise UsageError("--budget-gb must be > 0")
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    budget = int(args.budget_gb * 2 ** 30) if args.budget_gb else None
+
+    print(f"dslm simulate: grid {args.grid}, device {device}, precision {precision}, seed {args.seed}")
+    results, start = {}, time.perf_counter()
+    for name, grid in grids.items():
+        results[name] = run_component(COMPONENTS[name], grid, device, precision, args.seed, budget,
+                                      progress=not args.quiet)
+        print(format_report(results[name]), flush=True)
+    total = time.perf_counter() - start
+    print(f"total: {sum(r['configs'] for r in results.values())} configs in {total:.1f} s")
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"grid": args.grid, "device": str(device), "precision": precision, "seed": args.seed,
+                  "total_seconds": total, "components": results}
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+    return 0

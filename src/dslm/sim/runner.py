@@ -1,0 +1,213 @@
+"""Run component simulations over a grid: group configurations by shape, batch each group into
+memory-bounded chunks (one kernel launch per chunk), keep every measurement on the device until the
+component finishes, then compare with the theory and report percentiles.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dslm.errors import UsageError
+from dslm.sim.components import COMPONENTS, Component
+from dslm.sim.estimators import percentiles, relative_error
+
+# cuBLAS needs a fixed workspace for deterministic results (must be set before its first use).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+# What each axis means and which values it may take.
+AXIS_KINDS = {
+    "mu": "real", "s": "positive", "g": "positive", "s_w": "positive", "s_v": "positive",
+    "s_q": "positive", "r": "corr", "r_g": "corr", "p": "prob",
+    "d_in": "size", "d_out": "size", "d": "size", "d_h": "size", "L": "tokens", "samples": "tokens",
+}
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+GRIDS = ("quick", "paper")
+
+
+def _check_value(component: str, axis: str, v):
+    kind = AXIS_KINDS[axis]
+    where = f"grid for {component}: axis {axis!r} value {v!r}"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise UsageError(f"{where} is not a finite number")
+    if kind == "positive" and v <= 0:
+        raise UsageError(f"{where} must be > 0")
+    if kind == "corr" and not 0 <= v < 1:
+        raise UsageError(f"{where} must be a correlation in [0, 1)")
+    if kind == "prob" and not 0 <= v < 1:
+        raise UsageError(f"{where} must be a probability in [0, 1)")
+    if kind in ("size", "tokens"):
+        if float(v) != int(v) or v < (2 if kind == "tokens" else 1):
+            raise UsageError(f"{where} must be an integer >= {2 if kind == 'tokens' else 1}")
+        if component == "layernorm" and axis == "d" and v < 2:
+            raise UsageError(f"{where} must be >= 2 (LayerNorm over one feature is constant)")
+
+
+def resolve_grid(component: Component, spec) -> dict:
+    """The grid to run: ``"paper"``, ``"quick"`` or a dict of axis -> values overriding the paper
+    grid. Values are validated; size axes become ints."""
+    if spec == "paper":
+        grid = dict(component.paper)
+    elif spec == "quick":
+        grid = dict(component.quick)
+    else:
+        if not isinstance(spec, dict):
+            raise UsageError(f"grid for {component.name} must be an object of axis -> list of values")
+        unknown = sorted(set(spec) - set(component.axes))
+        if unknown:
+            raise UsageError(f"grid for {component.name}: unknown axis {unknown[0]!r}; "
+                             f"axes are {', '.join(component.axes)}")
+        grid = dict(component.paper)
+        for axis, values in spec.items():
+            if not isinstance(values, list) or not values:
+                raise UsageError(f"grid for {component.name}: axis {axis!r} must be a non-empty list")
+            grid[axis] = values
+    out = {}
+    for axis, values in grid.items():
+        for v in values:
+            _check_value(component.name, axis, v)
+        kind = AXIS_KINDS[axis]
+        out[axis] = [int(v) for v in values] if kind in ("size", "tokens") else [float(v) for v in values]
+    return out
+
+
+def load_grid_file(path: str | Path) -> dict:
+    """Read a JSON grid file: {component: {axis: [values]}}."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"grid file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"grid file {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not data:
+        raise UsageError(f"grid file {path} must be a JSON object of component -> {{axis: [values]}}")
+    unknown = sorted(set(data) - set(COMPONENTS))
+    if unknown:
+        raise UsageError(f"grid file {path}: unknown component {unknown[0]!r}; "
+                         f"components are {', '.join(COMPONENTS)}")
+    return data
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 matmuls on CUDA (shown to leave the percentiles unchanged, see README),
+    fp32 on the CPU."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+@contextlib.contextmanager
+def _precision(component: Component, precision: str, device: torch.device):
+    """Matmul precision for components that multiply matrices (others always run in fp32), and
+    deterministic kernels (attention backward without atomics) so a seed fixes the result."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.backends.cuda.matmul.allow_tf32 = component.uses_matmul and precision == "tf32"
+    torch.use_deterministic_algorithms(True)
+    try:
+        if component.uses_matmul and precision == "bf16":
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+        torch.use_deterministic_algorithms(prev_det)
+
+
+def default_budget_bytes(device: torch.device) -> int:
+    """Memory one chunk may use. Fixed per device type (not read from free memory) so that the
+    chunking, and hence the random stream, is the same on every machine of that type."""
+    return (16 if device.type == "cuda" else 3) * 2 ** 30
+
+
+def run_component(component: Component, grid: dict, device: torch.device, precision: str = "fp32",
+                  seed: int = 0, budget_bytes: int | None = None, progress: bool = True) -> dict:
+    """Simulate every configuration of ``grid`` and compare with the theory. Returns the result
+    record (grid, configs, seconds, percentile table and per-config columns)."""
+    budget = budget_bytes or default_budget_bytes(device)
+    axes = list(grid)
+    configs = list(itertools.product(*grid.values()))
+    n = len(configs)
+    columns = {a: np.array([c[i] for c in configs]) for i, a in enumerate(axes)}
+    scalar_axes = [a for a in axes if a not in component.shape_axes]
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(configs):
+        groups.setdefault(tuple(c[axes.index(a)] for a in component.shape_axes), []).append(i)
+
+    torch.manual_seed(seed * 1009 + list(COMPONENTS).index(component.name))
+    start = time.perf_counter()
+    on_device = {a: torch.tensor(columns[a], dtype=torch.float32, device=device) for a in scalar_axes}
+    order, chunks = [], []
+    bar = tqdm(total=n, desc=f"{component.name:9s}", unit="cfg", disable=not progress, leave=False)
+    for key, idx in groups.items():
+        S = dict(zip(component.shape_axes, key))
+        per_chunk = max(1, int(budget // (4 * component.floats_per_config(S))))
+        idx_dev = torch.tensor(idx, device=device)
+        for s in range(0, len(idx), per_chunk):
+            sel = idx_dev[s:s + per_chunk]
+            P = {a: on_device[a].index_select(0, sel) for a in scalar_axes}
+            with _precision(component, precision, device):
+                out = component.simulate(P, S, device)
+            order.extend(idx[s:s + per_chunk])
+            chunks.append({k: v.detach().double() for k, v in out.items()})
+            bar.update(len(sel))
+    measured_keys = list(chunks[0])
+    inverse = np.argsort(np.asarray(order))
+    measured = {k: torch.cat([c[k] for c in chunks]).cpu().numpy()[inverse] for k in measured_keys}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    bar.close()
+
+    predicted = {k: np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))
+                 for k, v in component.predict({a: columns[a].astype(np.float64) for a in axes}).items()}
+    errors, table = {}, {}
+    for row in component.rows:
+        scale = predicted[row.scale] if row.scale else None
+        errors[row.label] = relative_error(measured[row.measured], predicted[row.predicted], scale)
+        table[row.label] = percentiles(errors[row.label])
+    return {
+        "component": component.name,
+        "grid": grid,
+        "configs": n,
+        "seconds": seconds,
+        "percentiles": table,
+        "columns": {
+            "params": {a: columns[a].tolist() for a in axes},
+            "measured": {k: _finite_list(v) for k, v in measured.items()},
+            "predicted": {k: _finite_list(v) for k, v in predicted.items()},
+            "errors": {k: _finite_list(v) for k, v in errors.items()},
+        },
+    }
+
+
+def _finite_list(a) -> list:
+    """JSON-safe list: NaN/inf become null."""
+    return [float(x) if math.isfinite(x) else None for x in np.asarray(a, dtype=np.float64)]
+
+
+def format_report(result: dict) -> str:
+    """The reference's layout: one line per row, ``Error x var:  [p50, p90, p99]`` in %."""
+    lines = [f"== {result['component']}: {result['configs']} configs, {result['seconds']:.1f} s =="]
+    width = max(len(k) for k in result["percentiles"])
+    for label, (p50, p90, p99) in result["percentiles"].items():
+        lines.append(f"Error {label + ':':{width + 1}s} [{p50:.1f}, {p90:.1f}, {p99:.1f}]")
+    return "\n".join(lines)
