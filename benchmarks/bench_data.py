@@ -51,7 +51,7 @@ def _tree_pss_bytes(root: int) -> int:
     return total
 
 
-def run_prepare(source: str, out: Path, extra: list[str]) -> dict:
+def run_prepare(label: str, source: str, out: Path, extra: list[str]) -> dict:
     """One ``dslm prepare-data`` run: wall seconds, text MB, MB/s, peak memory of the process tree."""
     cmd = [sys.executable, "-m", "dslm", "prepare-data", "--source", source, "--out", str(out), "--no-progress", *extra]
     started = time.perf_counter()
@@ -66,7 +66,7 @@ def run_prepare(source: str, out: Path, extra: list[str]) -> dict:
         raise SystemExit(f"prepare-data failed ({proc.returncode}): {stderr.strip()}")
     manifest = json.loads((out / "dataset.json").read_text())
     mb = manifest["counts"]["text_bytes"] / 1e6
-    return {"source": source, "args": " ".join(extra), "text_mb": round(mb, 2), "tokens": manifest["counts"]["tokens"],
+    return {"case": label, "args": " ".join(extra), "text_mb": round(mb, 2), "tokens": manifest["counts"]["tokens"],
             "seconds": round(seconds, 2), "mb_per_s": round(mb / seconds, 2), "peak_pss_mb": round(peak / 1e6, 1),
             "summary": stdout.strip().splitlines()[0]}
 
@@ -118,17 +118,18 @@ def main() -> int:
                                  "python": platform.python_version(), "load_avg_1m_before": os.getloadavg()[0]}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        prep = [run_prepare("embedded", tmp / "emb", workers),
-                run_prepare("embedded", tmp / "emb_trained", ["--vocab-size", "8192", *workers])]
+        prep = [run_prepare("embedded, shipped vocab", "embedded", tmp / "emb", workers),
+                run_prepare("embedded, vocab trained (8192)", "embedded", tmp / "emb_trained",
+                            ["--vocab-size", "8192", *workers])]
         generate_corpus(tmp / "big.jsonl", args.big_mb)
-        prep.append(run_prepare(str(tmp / "big.jsonl"), tmp / "big", ["--vocab", str(EMBEDDED_VOCAB), *workers]))
+        prep.append(run_prepare(f"generated {args.big_mb:g} MB JSONL, given vocab", str(tmp / "big.jsonl"),
+                                tmp / "big", ["--vocab", str(EMBEDDED_VOCAB), *workers]))
         samples = [time_samples(tmp / "emb", L, 64, args.seconds) for L in (512, 128)]
     results.update(prepare=prep, samples=samples, load_avg_1m_after=os.getloadavg()[0])
 
     print(f"{'preprocessing':<42} {'MB':>7} {'s':>7} {'MB/s':>7} {'peak mem MB':>12}")
     for r in prep:
-        name = ("embedded " if r["source"] == "embedded" else f"generated ") + (r["args"].split("--workers")[0] or "(shipped vocab)")
-        print(f"{name[:42]:<42} {r['text_mb']:>7.1f} {r['seconds']:>7.2f} {r['mb_per_s']:>7.2f} {r['peak_pss_mb']:>12.0f}")
+        print(f"{r['case']:<42} {r['text_mb']:>7.1f} {r['seconds']:>7.2f} {r['mb_per_s']:>7.2f} {r['peak_pss_mb']:>12.0f}")
     print(f"\n{'sample building (one process), samples/s':<42} {'batch wall':>10} {'batch CPU':>10} "
           f"{'item wall':>10} {'item CPU':>10}")
     for r in samples:

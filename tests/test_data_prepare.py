@@ -74,6 +74,7 @@ def test_rerun_is_a_noop_and_other_settings_are_refused(tmp_path, capsys):
     line = _cli_error(capsys, ["prepare-data", "--source", str(tmp_path / "corpus.jsonl"), "--out", str(out),
                                "--vocab-size", "300", "--no-progress"])
     assert "--force" in line
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp  # the dataset there is untouched
 
 
 def test_interrupted_run_leaves_nothing_and_rerun_restarts(tmp_path, monkeypatch):
@@ -178,7 +179,8 @@ def test_corrupt_store_files_are_named(tmp_path, capsys, name, how, problem):
     # a rerun checks sizes and checksums before calling the directory done
     line = _cli_error(capsys, ["prepare-data", "--source", str(tmp_path / "corpus.jsonl"), "--out", str(out),
                                "--vocab-size", "200", "--workers", "0", "--no-progress"])
-    assert problem in line and name in line
+    assert problem in line and name in line and "--force" in line
+    assert (out / MANIFEST_FILE).exists() and (out / name).exists()  # the user's files are left alone
 
 
 def test_store_header_checks_without_manifest(tmp_path):

@@ -79,7 +79,8 @@ class PretrainingDataset(torch.utils.data.Dataset):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_builder"] = None
-        state["_builder_state"] = {k: v for k, v in self._builder.__dict__.items() if k not in ("tokens", "sent_offsets")}
+        state["_builder_state"] = {k: v for k, v in self._builder.__dict__.items()
+                                   if k not in ("tokens", "sent_offsets", "_perm")}
         return state
 
     def __setstate__(self, state):
@@ -87,4 +88,5 @@ class PretrainingDataset(torch.utils.data.Dataset):
         self.__dict__.update(state)
         store = TokenStore(self.data_dir)
         self._builder = SampleBuilder.__new__(SampleBuilder)
-        self._builder.__dict__.update(builder_state, tokens=store.tokens, sent_offsets=store.sent_offsets.view(np.ndarray))
+        self._builder.__dict__.update(builder_state, tokens=store.tokens, sent_offsets=store.sent_offsets.view(np.ndarray),
+                                      _perm=None)

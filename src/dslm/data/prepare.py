@@ -37,7 +37,7 @@ from dslm.data.sources import (EMBEDDED_VOCAB, DocumentReader, SkipLog, Source, 
                                hf_records, resolve_source, tfds_records)
 from dslm.data.split import DEFAULT_SPLIT, split_counts
 from dslm.data.store import BIN_FILE, IDX_FILE, TokenStoreWriter, token_dtype
-from dslm.data.vocab import VOCAB_FILE, SpecialIds, Tokenizer, read_vocab, train_vocab, write_vocab
+from dslm.data.vocab import SPECIAL_TOKENS, VOCAB_FILE, SpecialIds, Tokenizer, read_vocab, train_vocab, write_vocab
 from dslm.errors import UsageError
 
 REMOTE_CORPUS = "corpus.jsonl"
@@ -56,9 +56,10 @@ def prepare_dataset(out_dir: str | Path, source: str = "embedded", vocab: str | 
     ``source``: ``embedded``, ``tfds``, ``hf`` or a local path (see :mod:`dslm.data.sources`).
     ``vocab``: a BERT vocab.txt to use; without it a WordPiece vocabulary of ``vocab_size`` tokens
     (default 30522) is trained on the corpus, except that the embedded corpus uses the vocabulary
-    shipped with it unless ``vocab_size`` is given (so its dataset is the same on every machine). ``split``: document weights train/valid/test. ``workers``: tokenizer
-    processes (default: one per CPU; 0 tokenizes in this process). ``strict``: stop at the first bad
-    line instead of skipping it. ``force``: redo a directory that is complete or incompatible.
+    shipped with it unless ``vocab_size`` is given (so its dataset is the same on every machine).
+    ``split``: document weights train/valid/test. ``workers``: tokenizer processes (default: one per
+    CPU; 0 tokenizes in this process). ``strict``: stop at the first bad line instead of skipping
+    it. ``force``: redo a directory that is complete or incompatible.
     Prints a summary; bad input raises :class:`UsageError` and leaves no output behind."""
     out = Path(out_dir)
     src = resolve_source(source)
@@ -66,7 +67,7 @@ def prepare_dataset(out_dir: str | Path, source: str = "embedded", vocab: str | 
     if vocab is None and vocab_size is None and src.kind == "embedded":
         vocab = EMBEDDED_VOCAB
     vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
-    if vocab_size < len(SpecialIds.__dataclass_fields__) + 1:
+    if vocab_size <= len(SPECIAL_TOKENS):
         raise UsageError(f"--vocab-size {vocab_size}: too small")
     given_vocab = read_vocab(vocab) if vocab is not None else None
     request = {"source": src.name, "split": list(split),
@@ -75,23 +76,24 @@ def prepare_dataset(out_dir: str | Path, source: str = "embedded", vocab: str | 
         raise UsageError(f"--out {out}: exists and is not a folder")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        with _locked(out):
-            done = _finished(out, request, force)
-            if done is not None:
-                print(f"{out}: already prepared ({done['counts']['documents']:,} documents, "
-                      f"{done['counts']['tokens']:,} tokens); nothing to do")
-                return done
+    with _locked(out):
+        done = _finished(out, request, force)
+        if done is not None:
+            print(f"{out}: already prepared ({done['counts']['documents']:,} documents, "
+                  f"{done['counts']['tokens']:,} tokens); nothing to do")
+            return done
+        try:
             _remove_stage_files(out)
             return _prepare(out, src, request, vocab, given_vocab, split, workers, strict, progress,
                             tfds_data_dir)
-    except BaseException:
-        _remove_stage_files(out)
-        if created:
-            (out / _LOCK_FILE).unlink(missing_ok=True)
-            if not any(out.iterdir()):
-                out.rmdir()
-        raise
+        except BaseException:
+            _remove_stage_files(out)
+            raise
+        finally:
+            if created and not (out / MANIFEST_FILE).exists():
+                (out / _LOCK_FILE).unlink(missing_ok=True)
+                if not any(out.iterdir()):
+                    out.rmdir()
 
 
 def ensure_embedded_dataset(out_dir: str | Path, vocab_size: int | None = None, progress: bool = False) -> Path:
@@ -122,7 +124,10 @@ def _finished(out: Path, request: dict, force: bool) -> dict | None:
     if manifest["request"] != request:
         raise UsageError(f"{out}: already holds a dataset prepared from {manifest['request']['source']} "
                          "with other settings; choose another --out or pass --force")
-    check_files(out, manifest, checksums=True)
+    try:
+        check_files(out, manifest, checksums=True)
+    except UsageError as e:
+        raise UsageError(f"{e}; pass --force to prepare it again") from None
     return manifest
 
 

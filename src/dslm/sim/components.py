@@ -2,8 +2,10 @@
 :mod:`dslm.theory` predicts it, its paper and quick grids, and the rows of its report.
 
 A simulation function receives a chunk of configurations that share their integer/shape axes
-(``S``: name -> value) and differ in their scalar axes (``P``: name -> tensor of shape (C,)); it
-returns measured moments as (C,) tensors. The backward pass is the vector-Jacobian product with a
+(``S``: name -> value) and differ in their scalar axes (``P``: name -> tensor of shape (C,)), and
+the dtype in which to sample (bfloat16 for the matmul components under ``--precision bf16``, where
+every tensor is drawn in bf16 so no cast pass is needed; float32 otherwise); it returns measured
+moments as (C,) tensors, accumulated in fp32 or better. The backward pass is the vector-Jacobian product with a
 sampled upstream gradient G, i.e. the gradient of ``sum(out * G)``.
 """
 from __future__ import annotations
@@ -45,11 +47,11 @@ class Component:
     shape_axes: tuple[str, ...]        # axes that fix tensor shapes (configs are grouped by them)
     paper: dict                        # THEORY.md section 4 grid, axis -> values, in product order
     quick: dict                        # reduced grid for the CPU (<= 60 s for all seven)
-    simulate: Callable                 # (P, S, device) -> {measured: (C,) tensor}
+    simulate: Callable                 # (P, S, device, dtype) -> {measured: (C,) tensor}
     predict: Callable                  # {axis: np.ndarray} -> {predicted: np.ndarray}
     rows: tuple[Row, ...]
     floats_per_config: Callable        # S -> peak number of float32 values one config needs
-    uses_matmul: bool = False          # precision flag (tf32/bf16) applies
+    uses_matmul: bool = False          # precision flag applies: tf32 matmuls, or bf16 tensors
 
     @property
     def axes(self) -> tuple[str, ...]:
@@ -62,7 +64,7 @@ class Component:
 def _upstream_gradient(shape, P, device, dtype):
     """G: mean 0, std g, cross-token correlation r_g (along the token axis 2)."""
     zeros = torch.zeros_like(P["g"])
-    return equicorrelated(shape, zeros, P["g"], P["r_g"], device=device).to(dtype)
+    return equicorrelated(shape, zeros, P["g"], P["r_g"], device=device, dtype=dtype)
 
 
 def _measure(y, gx, shift: bool = False) -> dict:
@@ -107,10 +109,11 @@ STANDARD_ROWS = (
 # ------------------------------------------------------------------------------ linear
 
 
-def _sim_linear(P, S, device):
+def _sim_linear(P, S, device, dtype):
     C, R, L, din, dout = len(P["mu"]), S["samples"], S["L"], S["d_in"], S["d_out"]
-    x = equicorrelated((C, R, L, din), P["mu"], P["s"], P["r"], device=device)
-    W = torch.randn(C, R, din, dout, device=device).mul_(per_config(P["s_w"] / math.sqrt(din), 4).to(device))
+    x = equicorrelated((C, R, L, din), P["mu"], P["s"], P["r"], device=device, dtype=dtype)
+    W = torch.randn(C, R, din, dout, device=device, dtype=dtype)
+    W.mul_(per_config(P["s_w"] / math.sqrt(din), 4).to(device=device, dtype=dtype))
     y, gx = _vjp(lambda t: torch.matmul(t, W), x, (C, R, L, dout), P, device)
     return _measure(y, gx)
 
@@ -139,7 +142,7 @@ LINEAR = Component(
 
 
 def _pointwise_sim(fn):
-    def sim(P, S, device):
+    def sim(P, S, device, dtype):
         C, R, L, d = len(P["s"]), S["samples"], S["L"], S["d"]
         x = equicorrelated((C, R, L, d), P["mu"], P["s"], P["r"], device=device)
         y, gx = _vjp(fn, x, (C, R, L, d), P, device)
@@ -171,14 +174,14 @@ def _pointwise_floats(S):
 
 RELU = Component("relu", ("d", "L", "samples"), _activation_grid(10_000), _activation_quick(10_000),
                  _pointwise_sim(F.relu), _pred_relu, STANDARD_ROWS, _pointwise_floats)
-GELU = Component("gelu", ("d", "L", "samples"), _activation_grid(100_000), _activation_quick(20_000),
+GELU = Component("gelu", ("d", "L", "samples"), _activation_grid(100_000), _activation_quick(50_000),
                  _pointwise_sim(lambda t: F.gelu(t, approximate="none")), _pred_gelu, STANDARD_ROWS,
                  _pointwise_floats)
 
 # ------------------------------------------------------------------------------ layernorm
 
 
-def _sim_layernorm(P, S, device):
+def _sim_layernorm(P, S, device, dtype):
     C, R, L, d = len(P["s"]), S["samples"], S["L"], S["d"]
     x = equicorrelated((C, R, L, d), P["mu"], P["s"], P["r"], device=device)
     y, gx = _vjp(lambda t: F.layer_norm(t, (d,)), x, (C, R, L, d), P, device)
@@ -219,7 +222,7 @@ LAYERNORM = Component(
 # ------------------------------------------------------------------------------ dropout
 
 
-def _sim_dropout(P, S, device):
+def _sim_dropout(P, S, device, dtype):
     C, R, L, d, p = len(P["s"]), S["samples"], S["L"], S["d"], S["p"]
     x = equicorrelated((C, R, L, d), P["mu"], P["s"], P["r"], device=device)
     y, gx = _vjp(lambda t: F.dropout(t, p=p, training=True), x, (C, R, L, d), P, device)
@@ -246,7 +249,7 @@ DROPOUT = Component(
 # ------------------------------------------------------------------------------ softmax
 
 
-def _sim_softmax(P, S, device):
+def _sim_softmax(P, S, device, dtype):
     C, B, L = len(P["s"]), S["samples"], S["L"]
     x = equicorrelated((C, B, L), torch.zeros_like(P["s"]), P["s"], P["r"], token_dim=2, device=device)
     x.requires_grad_(True)
@@ -294,11 +297,11 @@ SOFTMAX = Component(
 # ------------------------------------------------------------------------------ single-head attention
 
 
-def _sim_sha(P, S, device):
+def _sim_sha(P, S, device, dtype):
     C, R, L, d, dh, p = len(P["s"]), S["samples"], S["L"], S["d"], S["d_h"], S["p"]
-    x = equicorrelated((C, R, L, d), P["mu"], P["s"], P["r"], device=device)
-    stds = torch.stack([P["s_q"], P["s_q"], P["s_v"]], dim=1).to(device) / math.sqrt(d)  # s_k = s_q
-    W = torch.randn(C, d, 3, dh, device=device).mul_(stds[:, None, :, None]).reshape(C, d, 3 * dh)
+    x = equicorrelated((C, R, L, d), P["mu"], P["s"], P["r"], device=device, dtype=dtype)
+    stds = torch.stack([P["s_q"], P["s_q"], P["s_v"]], dim=1).to(device=device, dtype=dtype) / math.sqrt(d)
+    W = torch.randn(C, d, 3, dh, device=device, dtype=dtype).mul_(stds[:, None, :, None]).reshape(C, d, 3 * dh)
 
     def attention(t):
         qkv = torch.bmm(t.reshape(C, R * L, d), W).reshape(C, R, L, 3, dh)

@@ -106,30 +106,31 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 matmuls on CUDA (shown to leave the percentiles unchanged, see README),
-    fp32 on the CPU."""
+    """``auto``: bf16 on CUDA (shown to leave the percentiles unchanged, see README), fp32 on the
+    CPU."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
 
 
 @contextlib.contextmanager
-def _precision(component: Component, precision: str, device: torch.device):
-    """Matmul precision for components that multiply matrices (others always run in fp32), and
-    deterministic kernels (attention backward without atomics) so a seed fixes the result."""
-    prev = torch.backends.cuda.matmul.allow_tf32
-    prev_det = torch.are_deterministic_algorithms_enabled()
+def _kernel_settings(component: Component, precision: str):
+    """TF32 matmuls where asked (matmul components only), and deterministic kernels (attention
+    backward without atomics) so a seed fixes the result. Deterministic mode would also fill every
+    new tensor with NaN, a wasted pass over memory: we always write before reading, so it is off."""
+    import torch.utils.deterministic as det
+
+    prev = (torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled(),
+            det.fill_uninitialized_memory)
     torch.backends.cuda.matmul.allow_tf32 = component.uses_matmul and precision == "tf32"
     torch.use_deterministic_algorithms(True)
+    det.fill_uninitialized_memory = False
     try:
-        if component.uses_matmul and precision == "bf16":
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                yield
-        else:
-            yield
+        yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
-        torch.use_deterministic_algorithms(prev_det)
+        torch.backends.cuda.matmul.allow_tf32 = prev[0]
+        torch.use_deterministic_algorithms(prev[1])
+        det.fill_uninitialized_memory = prev[2]
 
 
 def default_budget_bytes(device: torch.device) -> int:
@@ -155,6 +156,7 @@ def run_component(component: Component, grid: dict, device: torch.device, precis
     torch.manual_seed(seed * 1009 + list(COMPONENTS).index(component.name))
     start = time.perf_counter()
     on_device = {a: torch.tensor(columns[a], dtype=torch.float32, device=device) for a in scalar_axes}
+    dtype = torch.bfloat16 if component.uses_matmul and precision == "bf16" else torch.float32
     order, chunks = [], []
     bar = tqdm(total=n, desc=f"{component.name:9s}", unit="cfg", disable=not progress, leave=False)
     for key, idx in groups.items():
@@ -164,8 +166,8 @@ def run_component(component: Component, grid: dict, device: torch.device, precis
         for s in range(0, len(idx), per_chunk):
             sel = idx_dev[s:s + per_chunk]
             P = {a: on_device[a].index_select(0, sel) for a in scalar_axes}
-            with _precision(component, precision, device):
-                out = component.simulate(P, S, device)
+            with _kernel_settings(component, precision):
+                out = component.simulate(P, S, device, dtype)
             order.extend(idx[s:s + per_chunk])
             chunks.append({k: v.detach().double() for k, v in out.items()})
             bar.update(len(sel))
