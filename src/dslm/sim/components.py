@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from dslm import theory
-from dslm.sim.estimators import equicorrelated, mean_var, offdiag_cov, per_config, token_moments
+from dslm.sim.estimators import (equicorrelated, mean_var, offdiag_cov, scaled_normal,
+                                 token_moments)
 
 THIRDS = [0.0, 1 / 3, 2 / 3]
 FIFTHS = [0.0, 0.2, 0.4, 0.6, 0.8]
@@ -112,8 +113,7 @@ STANDARD_ROWS = (
 def _sim_linear(P, S, device, dtype):
     C, R, L, din, dout = len(P["mu"]), S["samples"], S["L"], S["d_in"], S["d_out"]
     x = equicorrelated((C, R, L, din), P["mu"], P["s"], P["r"], device=device, dtype=dtype)
-    W = torch.randn(C, R, din, dout, device=device, dtype=dtype)
-    W.mul_(per_config(P["s_w"] / math.sqrt(din), 4).to(device=device, dtype=dtype))
+    W = scaled_normal((C, R, din, dout), P["s_w"] / math.sqrt(din), device=device, dtype=dtype)
     y, gx = _vjp(lambda t: torch.matmul(t, W), x, (C, R, L, dout), P, device)
     return _measure(y, gx)
 
@@ -254,7 +254,7 @@ def _sim_softmax(P, S, device, dtype):
     x = equicorrelated((C, B, L), torch.zeros_like(P["s"]), P["s"], P["r"], token_dim=2, device=device)
     x.requires_grad_(True)
     y = torch.softmax(x, dim=-1)
-    G = torch.randn(C, B, L, device=device).mul_(per_config(P["g"], 3).to(device))  # r_g = 0
+    G = scaled_normal((C, B, L), P["g"], device=device)  # r_g = 0
     (gx,) = torch.autograd.grad(y, x, G)
     mean, var = mean_var(y)
     _, gvar = mean_var(gx)
@@ -300,8 +300,9 @@ SOFTMAX = Component(
 def _sim_sha(P, S, device, dtype):
     C, R, L, d, dh, p = len(P["s"]), S["samples"], S["L"], S["d"], S["d_h"], S["p"]
     x = equicorrelated((C, R, L, d), P["mu"], P["s"], P["r"], device=device, dtype=dtype)
-    stds = torch.stack([P["s_q"], P["s_q"], P["s_v"]], dim=1).to(device=device, dtype=dtype) / math.sqrt(d)
-    W = torch.randn(C, d, 3, dh, device=device, dtype=dtype).mul_(stds[:, None, :, None]).reshape(C, d, 3 * dh)
+    stds = torch.stack([P["s_q"], P["s_q"], P["s_v"]], dim=1).float() / math.sqrt(d)   # s_k = s_q
+    W = torch.randn(C, d, 3, dh, device=device, dtype=dtype)
+    W = torch.mul(W, stds[:, None, :, None], out=W).reshape(C, d, 3 * dh)
 
     def attention(t):
         qkv = torch.bmm(t.reshape(C, R * L, d), W).reshape(C, R, L, 3, dh)
