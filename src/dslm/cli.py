@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("dslm.sim.command", "simulate transformer components and compare their moments with the theory"),
     "approximations": ("dslm.sim.approximations", "plot the exact ReLU / FFN correlation maps against their approximations"),
     "prepare-data": ("dslm.data.command", "prepare a pretraining dataset: text source -> WordPiece vocab -> token store"),
+    "pretrain": ("dslm.train.pretrain", "pretrain BERT (MLM + binary head) with the dslm training engine"),
 }
 
 

@@ -45,7 +45,7 @@ def run(args) -> int:
     r = np.linspace(-1.0, 1.0, args.points)
     summary = compare(args.points)
     for key, (title, exact, approx, formula) in MAPS.items():
-        fig, (ax, ax_err) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (ax, ax_err) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"wspace": 0.3})
         ax.plot(r, exact(r), label="exact", lw=2)
         ax.plot(r, approx(r), "--", label=f"approx: {formula}")
         ax.plot(r, r, ":", color="grey", label="identity")

@@ -1,0 +1,247 @@
+"""Pretraining throughput and learning evidence for the dslm training engine.
+
+    python benchmarks/bench_pretrain.py throughput --out DIR   # ours (eager, compiled) vs HF BertForPreTraining
+    python benchmarks/bench_pretrain.py learning --out DIR     # small BERT + deep DSLM vs xavier/megatron runs
+    python benchmarks/bench_pretrain.py plot --out DIR         # curves.png from the learning runs' metrics.jsonl
+
+Throughput: one optimizer step = forward + backward + global-norm clip (1.0) + fused AdamW, bf16
+autocast with fp32 master weights, dropout 0.1, the same random batch (token ids uniform over the
+vocabulary, 10 % of the sequences padded to a random shorter length, 15 % of the real tokens
+predicted, a segment-order label) for both models. Timing: CUDA events around ``--steps`` steps after
+``--warmup`` steps (which include compilation). Ours runs the engine's own pieces
+(``PretrainingObjective``: LM head on the predicted positions only, fixed slots, no host sync;
+``build_optimizer``; ``clip_grad_norm``; ``skip_if_nonfinite``). HF runs ``BertForPreTraining``
+(attn_implementation="sdpa", labels on every position as HF computes them).
+
+MFU = tokens/s x F / 989e12 (H100 bf16 dense), with F = dslm.train.pretrain.bert_flops_per_token:
+3 x [N (8 d^2 + 4 d d_f + 4 L d) + f (2 d^2 + 2 d V)], f = 0.15 (the useful LM-head work) for both
+models; ``hf_mfu_full_head`` also counts the LM head HF computes on every position (f = 1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dslm.model import BertConfig, BertForPreTraining
+from dslm.train.optim import build_optimizer, clip_grad_norm, skip_if_nonfinite
+from dslm.train.pretrain import PretrainingObjective, bert_flops_per_token
+
+SIZES = {
+    "bert-base": dict(num_layers=12, hidden_size=768, num_heads=12, seq_len=512, batch=32),
+    "deep-narrow": dict(num_layers=96, hidden_size=256, num_heads=4, seq_len=256, batch=32),
+}
+PEAK = 989e12
+
+
+def make_batch(b, length, vocab, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (b, length), generator=g)
+    lengths = torch.full((b,), length)
+    short = torch.rand(b, generator=g) < 0.1
+    lengths[short] = torch.randint(length // 4, length, (int(short.sum()),), generator=g)
+    pos = torch.arange(length)[None]
+    mask = (pos < lengths[:, None]).long()
+    ids = ids * mask
+    labels = torch.full((b, length), -100)
+    for i in range(b):
+        n = max(1, round(0.15 * int(lengths[i])))
+        where = torch.randperm(int(lengths[i]) - 1, generator=g)[:n] + 1
+        labels[i, where] = ids[i, where]
+    tt = (pos >= lengths[:, None] // 2).long() * mask
+    binary = torch.randint(0, 2, (b,), generator=g)
+    batch = dict(input_ids=ids, token_type_ids=tt, attention_mask=mask, mlm_labels=labels, binary_labels=binary)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def time_steps(step, warmup, steps):
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / steps
+
+
+def bench_ours(config, batch, compile_, warmup, steps):
+    model = PretrainingObjective(BertForPreTraining(config).cuda(), round(0.15 * batch["input_ids"].shape[1]))
+    if compile_:
+        for layer in model.bert.layers:
+            layer.compile()
+        model.head_loss = torch.compile(model._head_loss)
+    opt = build_optimizer(model, 1e-4, 0.01)
+    params = [p for p in model.parameters()]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = model(**batch)
+        loss.backward()
+        norm = clip_grad_norm(params, 1.0)
+        skip_if_nonfinite(opt, norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return time_steps(step, warmup, steps), loss_of(model, batch)
+
+
+def loss_of(model, batch):
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        return float(model(**batch)[0])
+
+
+def bench_hf(config, batch, warmup, steps):
+    from transformers import BertConfig as HFConfig
+    from transformers import BertForPreTraining as HFBert
+
+    hf_config = HFConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+                         intermediate_size=config.ffn_size, hidden_act=config.activation,
+                         max_position_embeddings=config.max_position_embeddings, layer_norm_eps=1e-5,
+                         hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    model = HFBert(hf_config, attn_implementation="sdpa").cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
+    params = list(model.parameters())
+    args = dict(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                attention_mask=batch["attention_mask"], labels=batch["mlm_labels"],
+                next_sentence_label=batch["binary_labels"])
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**args).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return time_steps(step, warmup, steps), None
+
+
+def throughput(args):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sizes": {}}
+    for name in args.sizes:
+        s = SIZES[name]
+        config = BertConfig(vocab_size=30522, hidden_size=s["hidden_size"], num_layers=s["num_layers"],
+                            num_heads=s["num_heads"], max_position_embeddings=512, ln="post", activation="relu")
+        batch = make_batch(s["batch"], s["seq_len"], config.vocab_size, "cuda")
+        tokens = s["batch"] * s["seq_len"]
+        flops = bert_flops_per_token(config, s["seq_len"], 0.15)
+        flops_full = bert_flops_per_token(config, s["seq_len"], 1.0)
+        row = {"config": s, "flops_per_token": flops, "batch_tokens": tokens}
+        for variant in args.variants:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.time()
+            try:
+                if variant == "hf":
+                    sec, _ = bench_hf(config, batch, args.warmup, args.steps)
+                else:
+                    sec, _ = bench_ours(config, batch, variant == "ours-compiled", args.warmup, args.steps)
+            except Exception as e:  # noqa: BLE001 - record and go on with the other variants
+                row[variant] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                print(name, variant, "FAILED", row[variant], flush=True)
+                continue
+            tps = tokens / sec
+            row[variant] = {"step_ms": sec * 1e3, "tokens_per_s": tps, "mfu": tps * flops / PEAK,
+                            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+                            "wall_s_incl_warmup": time.time() - t0}
+            if variant == "hf":
+                row[variant]["hf_mfu_full_head"] = tps * flops_full / PEAK
+            print(name, variant, json.dumps(row[variant]), flush=True)
+            if "hf" in row and "tokens_per_s" in row.get("hf", {}) and "tokens_per_s" in row[variant]:
+                row[variant]["speedup_vs_hf"] = row[variant]["tokens_per_s"] / row["hf"]["tokens_per_s"]
+            results["sizes"][name] = row
+            (out / "throughput.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+LEARNING_RUNS = {
+    # name: (model flags, train flags)
+    "small_bert": dict(layers=4, hidden=256, heads=4, seq_len=128, init="megatron", ln="post",
+                       steps=800, global_batch=64, lr=5e-4, warmup=0.05),
+    "deep96_dslm": dict(layers=96, hidden=256, heads=4, seq_len=128, init="dslm", ln="post",
+                        steps=300, global_batch=32, lr=1e-3, warmup=0.05),
+    "deep96_megatron": dict(layers=96, hidden=256, heads=4, seq_len=128, init="megatron", ln="post",
+                            steps=300, global_batch=32, lr=1e-3, warmup=0.05),
+    "deep96_xavier": dict(layers=96, hidden=256, heads=4, seq_len=128, init="xavier", ln="post",
+                          steps=300, global_batch=32, lr=1e-3, warmup=0.05),
+}
+
+
+def learning(args):
+    from dslm.cli import main as cli_main
+
+    out = Path(args.out)
+    for name in args.runs:
+        r = LEARNING_RUNS[name]
+        argv = ["pretrain", "--out-dir", str(out / name), "--eval-every", str(r["steps"] // 4), "--eval-iters", "10",
+                "--save-every", "0", "--no-save-final", "--log-every", "10", "--no-progress", "--max-bad-steps", "1000000",
+                "--precision", args.precision, "--device", args.device]
+        for k, v in r.items():
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+        if args.quick:
+            argv += ["--steps", "6", "--eval-every", "3", "--eval-iters", "1", "--layers", "2", "--hidden", "64",
+                     "--heads", "2", "--seq-len", "64"]
+        t0 = time.time()
+        rc = cli_main(argv)
+        print(f"{name}: rc {rc}, {time.time() - t0:.1f} s", flush=True)
+    return 0
+
+
+def plot(args):
+    from dslm.plotting import plt, save
+    from dslm.train.logging import read_metrics
+
+    out = Path(args.out)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name in LEARNING_RUNS:
+        if not (out / name / "metrics.jsonl").is_file():
+            continue
+        rows = read_metrics(out / name, "train")
+        valid = read_metrics(out / name, "valid")
+        ax = axes[0] if name == "small_bert" else axes[2]
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r.get("mlm_loss", float("nan")) for r in rows], label=f"{name} train")
+        if valid:
+            ax.plot([r["step"] for r in valid], [r["mlm_loss"] for r in valid], "o--", label=f"{name} valid")
+        if name == "small_bert":
+            axes[1].plot(steps, [r.get("mlm_acc", float("nan")) for r in rows], label="train")
+            if valid:
+                axes[1].plot([r["step"] for r in valid], [r["mlm_acc"] for r in valid], "o--", label="valid")
+    axes[0].set(title="small BERT (4 x 256), embedded corpus", xlabel="step", ylabel="MLM loss")
+    axes[1].set(title="small BERT: MLM accuracy (chance 1/8192)", xlabel="step", ylabel="accuracy")
+    axes[2].set(title="96-layer Post-LN, d 256, same lr", xlabel="step", ylabel="MLM loss")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    print(save(fig, out / "curves.png"))
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=("throughput", "learning", "plot"))
+    p.add_argument("--out", default="outputs/bench_pretrain")
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--variants", nargs="+", default=["hf", "ours", "ours-compiled"],
+                   choices=["hf", "ours", "ours-compiled"])
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--runs", nargs="+", default=list(LEARNING_RUNS), choices=list(LEARNING_RUNS))
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="learning: a seconds-long CPU smoke run")
+    args = p.parse_args(argv)
+    return {"throughput": throughput, "learning": learning, "plot": plot}[args.mode](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

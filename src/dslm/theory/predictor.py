@@ -1,0 +1,312 @@
+"""Whole-model signal propagation predicted from the component moments (THEORY.md sections 1-3).
+
+:func:`predict` walks a BERT built from a :class:`dslm.model.BertConfig` layer by layer with the
+formulas of :mod:`dslm.theory.components` and the init stds of :func:`dslm.model.init.scheme_stds`
+(the same numbers the model is initialised with), and returns per layer:
+
+- ``forward_variance`` and ``correlation`` of the residual stream after the layer (for Post-LN, the
+  sum after the second residual add, before the next LayerNorm), as the probe measures them;
+- ``grad_variance`` / ``grad_correlation`` of d loss / d (layer output), relative to the top;
+- ``grad_norms[name]`` (q, k, v, attn_out, ffn_in, ffn_out) and ``grad_norm`` (the six together),
+  the L2 norms of the weight-matrix gradients, relative to the same top gradient.
+
+Forward. A signal is (variance, cross-token covariance) with zero mean. Embeddings: three tables of
+std s_e, summed (variance 3 s_e^2, correlation r0), then dropout. A sub-layer is LayerNorm
+(:func:`layernorm`), the block, hidden dropout (:func:`dropout`) and the residual mix
+x <- lam x + beta block, whose variances and covariances add (the block's weights are independent of
+x). The attention block is :func:`attention_head` (per head: Q/K/V d -> d_h, softmax over the L real
+tokens, attention dropout) followed by the output :func:`linear`; the FFN is :func:`ffn_block`.
+
+Backward. A gradient is (variance g2, cross-token covariance), pushed from the top of the stack down
+with the backward moments of the same components: dropout, linear (fan-out times s_w^2), ReLU/GeLU
+(gate correlation included), LayerNorm (divide by the input variance), and the residual mix
+(lam^2 on the identity path plus the branch). Through attention the value path passes the
+probability-weighted token sum (:func:`attention_head`'s backward, with the softmax second moment of
+:func:`softmax` in place of its small-logit 1/L^2); the query/key path (which :func:`attention_head` leaves out) adds, per feature of q and k,
+
+    var(dq) = L E[P^2] g_y var(v) var(q) (1 - r)^2
+    var(dk) = var(dq) + g_y r_g r (1 - r) var(v) var(q)
+
+with E[P^2] = softmax var + 1/L^2 and r, r_g the correlations of the attention input and of the
+gradient at the heads' output. The score gradient is dS_ij = P_ij G_i . (v_j - y_i); for dq_i it is
+summed against the centred keys (1/L), but for dk_j the queries' common part survives and
+sum_i P_ij G_i keeps the gradient's common part, so dk_j ~ (G_mean . (v_j - v_mean)) q_mean: of the
+order of the value path itself where r and r_g are high (Post-LN), and uncorrelated across tokens
+(it lowers the gradient correlation). Both are taken as uncorrelated across tokens.
+
+Weight gradients. For y = x W summed over the T real tokens of the batch,
+E ||dL/dW||^2 = d_in d_out [T E[x^2] g2 + P cov_x cov_g], with P = sum over sequences of
+n (n - 1) token pairs: the second term (the input's and the gradient's cross-token covariances)
+dominates wherever both are correlated, which is how xavier Pre-LN's 1/sqrt(layer) shape arises.
+
+Scale. Forward variance and correlation are absolute predictions. Gradients are relative: the top
+gradient (d loss / d stream below the final LayerNorm) is given variance 1 and correlation
+``top_grad_corr`` (default 0: the masked-LM gradient lives on ~15 % of the tokens with unrelated
+targets). Its absolute size depends on the loss (vocabulary, logits), which the component theory
+does not model, so compare shapes: :func:`normalise` puts a predicted curve on a measured one with
+the single constant that matches their geometric means.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dslm.theory.components import (
+    attention_head, dropout, ffn_block, gelu, layernorm, layernorm_corr, linear, relu, softmax,
+)
+
+GRAD_MATRICES = ("q", "k", "v", "attn_out", "ffn_in", "ffn_out")
+
+
+@dataclass
+class Prediction:
+    """Per-layer predictions (bottom first); gradient quantities are relative to the top gradient."""
+
+    forward_variance: np.ndarray
+    correlation: np.ndarray
+    grad_norm: np.ndarray
+    grad_norms: dict = field(default_factory=dict)
+    grad_variance: np.ndarray = None
+    grad_correlation: np.ndarray = None
+    embedding_variance: float = float("nan")
+    embedding_correlation: float = float("nan")
+    attention_input_correlation: np.ndarray = None   # r entering each layer's attention (after LN)
+    seq_len: float = float("nan")                      # effective L (mean real tokens per sequence)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.forward_variance)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for name, value in self.__dict__.items():
+            if isinstance(value, np.ndarray):
+                value = value.tolist()
+            elif isinstance(value, dict):
+                value = {k: np.asarray(v).tolist() for k, v in value.items()}
+            out[name] = value
+        return out
+
+
+def _token_counts(seq_len, batch_size, lengths):
+    """(T, P, L_eff): real tokens, ordered same-sequence token pairs, mean real length."""
+    if lengths is None:
+        if seq_len is None or seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {seq_len!r}")
+        n = np.full(int(batch_size or 1), float(seq_len))
+    else:
+        n = np.asarray(lengths, dtype=float).reshape(-1)
+        if n.size == 0 or (n < 1).any():
+            raise ValueError("lengths must be positive token counts, one per sequence")
+    tokens = float(n.sum())
+    pairs = float((n * (n - 1)).sum())
+    # the token-weighted mean of 1/n_b is exactly 1/mean(n_b): the 1/L terms use the mean length
+    return tokens, pairs, tokens / n.size
+
+
+class _Signal:
+    """Forward moments (zero mean): variance and mean cross-token covariance."""
+
+    __slots__ = ("var", "cov")
+
+    def __init__(self, var, cov):
+        self.var, self.cov = float(var), float(cov)
+
+    @property
+    def corr(self):
+        return self.cov / self.var
+
+
+def _mix(x: _Signal, blk: _Signal, lam2, beta2) -> _Signal:
+    return _Signal(lam2 * x.var + beta2 * blk.var, lam2 * x.cov + beta2 * blk.cov)
+
+
+def predict(config, seq_len=None, batch_size=None, r0=None, lengths=None,
+            top_grad_corr: float = 0.0, ln_corr_mode: str = "delta",
+            softmax_variant: str = "approx") -> Prediction:
+    """Predict per-layer forward variance, correlation and relative gradient norms of a freshly
+    initialised BERT of ``config`` in training mode (dropout on).
+
+    ``seq_len``/``batch_size``: an unpadded batch shape; or ``lengths``: the real-token count of each
+    sequence of the batch (the attention sees only real keys). ``r0``: cross-token correlation of
+    the summed input embeddings before dropout (default ``config.r0``; measure it with
+    :func:`dslm.model.measure_r0` for the actual model and batch). ``top_grad_corr``: correlation
+    of the gradient arriving at the top of the stack. ``ln_corr_mode`` / ``softmax_variant``: the
+    component variants (see :func:`layernorm_corr`, :func:`softmax_var`).
+    """
+    from dslm.model.init import scheme_stds  # the model's own init numbers (one source of truth)
+
+    tokens, pairs, L = _token_counts(seq_len, batch_size, lengths)
+    d, d_f, heads = config.hidden_size, config.ffn_size, config.num_heads
+    d_h, N = config.head_dim, config.num_layers
+    p, pa = float(config.hidden_dropout), float(config.attention_dropout)
+    act = config.activation
+    lam, beta = config.residual_scales()
+    lam2, beta2 = lam * lam, beta * beta
+    stds = scheme_stds(config)
+    s_qk, s_f = stds["qk"], stds["ffn"]
+    r0 = float(config.r0 if r0 is None else r0)
+    pre = config.ln == "pre"
+
+    def ln(x: _Signal) -> _Signal:
+        m = layernorm(x.var, x.corr, d, corr_mode=ln_corr_mode)
+        return _Signal(m.var, m.cov)
+
+    # ---------------------------------------------------------------- forward, saving block inputs
+    emb = 3 * stds["embedding"] ** 2
+    m = dropout(0.0, emb, r0, p)
+    x = _Signal(m.var, m.cov)
+    emb_signal = x
+    saved = []  # per layer: what the backward pass and the weight gradients need
+
+    def attention_fwd(a: _Signal, i):
+        s_v, s_o = stds["v"][i], stds["attn_out"][i]
+        head = attention_head(a.var, a.corr, d, d_h, L, s_qk, s_qk, s_v, pa)
+        out = linear(0.0, head.var, head.cov / head.var, d, d, s_o ** 2)
+        m = dropout(0.0, out.var, out.cov / out.var, p)
+        return _Signal(m.var, m.cov), _Signal(head.var, head.cov)
+
+    def ffn_fwd(b: _Signal):
+        blk = ffn_block(b.var, b.corr, d, d_f, s_f, s_f, activation=act)
+        m = dropout(0.0, blk.var, blk.cov / blk.var, p)
+        return _Signal(m.var, m.cov)
+
+    fwd_var, fwd_corr, attn_r = np.empty(N), np.empty(N), np.empty(N)
+    for i in range(N):
+        rec = {"x": x}
+        if pre:
+            a = ln(x)
+            att, y = attention_fwd(a, i)
+            h = _mix(x, att, lam2, beta2)
+            b = ln(h)
+            x = _mix(h, ffn_fwd(b), lam2, beta2)
+        else:
+            a = ln(x)
+            att, y = attention_fwd(a, i)
+            h = _mix(a, att, lam2, beta2)
+            b = ln(h)
+            x = _mix(b, ffn_fwd(b), lam2, beta2)
+        rec.update(a=a, y=y, h=h, b=b)
+        saved.append(rec)
+        fwd_var[i], fwd_corr[i], attn_r[i] = x.var, x.corr, a.corr
+
+    # ---------------------------------------------------------------- backward, top down
+    norms = {name: np.empty(N) for name in GRAD_MATRICES}
+    g_var, g_corr = np.empty(N), np.empty(N)
+    g, gc = 1.0, float(top_grad_corr)        # gradient at the top layer's output (relative)
+
+    def wnorm2(d_in, d_out, x2, xc, gv, gcv):
+        return d_in * d_out * (tokens * x2 * gv + pairs * xc * gcv)
+
+    def ffn_bwd(b: _Signal, g_out, gc_out):
+        """Gradient (var, cov) at the FFN input from the block-output gradient (after the residual
+        scale and dropout); accumulates the FFN weight-gradient norms."""
+        dm = dropout(0.0, 1.0, 0.0, p, beta2 * g_out, gc_out / g_out if g_out else 0.0)
+        g_f, gc_f = dm.grad_var, beta2 * gc_out
+        h2 = d * s_f ** 2 * b.var                         # pre-activation variance
+        r_u = b.corr
+        if act == "relu":
+            x2 = h2 / 2
+            xc = x2 * float(ffn_block(b.var, r_u, d, d_f, s_f, s_f).corr)
+            am = relu(h2, r_u, 1.0, 1.0)
+        else:
+            gm = gelu(h2, r_u)
+            x2, xc = gm.var + gm.mean ** 2, gm.cov + gm.mean ** 2
+            am = gelu(h2, r_u, 1.0, 1.0)
+        nf_out = wnorm2(d_f, d, x2, xc, g_f, gc_f)
+        lo = linear(0.0, 1.0, 0.0, d_f, d, s_f ** 2, g_f, gc_f / g_f)
+        g_u, gc_u = lo.grad_var * am.grad_var, lo.grad_cov * am.grad_cov   # gate gains
+        nf_in = wnorm2(d, d_f, b.var, b.cov, g_u, gc_u)
+        li = linear(0.0, 1.0, 0.0, d, d_f, s_f ** 2, g_u, gc_u / g_u)
+        return li.grad_var, li.grad_cov, nf_in, nf_out
+
+    def attention_bwd(a: _Signal, y: _Signal, i, g_out, gc_out):
+        """Gradient (var, cov) at the attention input; accumulates Q/K/V/out weight-gradient norms."""
+        s_v, s_o = stds["v"][i], stds["attn_out"][i]
+        g_o, gc_o = beta2 * g_out / (1 - p), beta2 * gc_out               # hidden dropout
+        n_out = wnorm2(d, d, y.var, y.cov, g_o, gc_o)
+        lo = linear(0.0, 1.0, 0.0, d, d, s_o ** 2, g_o, gc_o / g_o)        # through W_o^T
+        g_y, r_gy = lo.grad_var, lo.grad_cov / lo.grad_var
+        # softmax second moment: logits q k^T / sqrt(d_h) have variance d^2 s_q^2 s_k^2 s2^2
+        logit_var = d * d * s_qk ** 4 * a.var ** 2
+        sm = softmax(logit_var, a.corr, L, variant=softmax_variant)
+        p2_sum = L * (sm.var + sm.mean ** 2)           # sum_i E[P_ij^2] over the L queries
+        # value path: dL/dV_j = sum_i P~_ij G_i (attention_head's backward without W_v^T, with
+        # the softmax second moment in place of 1/L^2)
+        unit = attention_head(a.var, a.corr, d, d_h, L, s_qk, s_qk, 1.0 / math.sqrt(d_h), pa,
+                              g_y, r_gy)
+        g_v = g_y * (p2_sum / (1 - pa) + (L - 1) / L * r_gy)
+        gc_v = unit.grad_cov
+        n_v = wnorm2(d, d, a.var, a.cov, g_v, gc_v)
+        # query/key path (not in attention_head), see the module docstring
+        v_var = d * s_v ** 2 * a.var
+        k_var = d * s_qk ** 2 * a.var                   # = var(q): s_q = s_k
+        r, one_r = a.corr, max(1.0 - a.corr, 0.0)
+        g_q = p2_sum * g_y * v_var * k_var * one_r ** 2
+        g_k = g_q + g_y * max(r_gy, 0.0) * r * one_r * v_var * k_var
+        n_q = wnorm2(d, d, a.var, a.cov, g_q, 0.0)
+        n_k = wnorm2(d, d, a.var, a.cov, g_k, 0.0)
+        gx = d * s_v ** 2 * g_v + d * s_qk ** 2 * (g_q + g_k)               # W_v^T, W_q^T, W_k^T
+        gcx = d * s_v ** 2 * gc_v
+        return gx, gcx, n_q, n_k, n_v, n_out
+
+    for i in reversed(range(N)):
+        rec = saved[i]
+        g_var[i], g_corr[i] = g, gc / g
+        a, y, h, b, xin = rec["a"], rec["y"], rec["h"], rec["b"], rec["x"]
+        if pre:
+            fb, fbc, nf_in, nf_out = ffn_bwd(b, g, gc)
+            lnb = layernorm(h.var, h.corr, d, fb, fbc / fb)
+            g, gc = lam2 * g + lnb.grad_var, lam2 * gc + lnb.grad_cov          # at h
+            ab, abc, n_q, n_k, n_v, n_o = attention_bwd(a, y, i, g, gc)
+            lnb = layernorm(xin.var, xin.corr, d, ab, abc / ab)
+            g, gc = lam2 * g + lnb.grad_var, lam2 * gc + lnb.grad_cov          # at x
+        else:
+            fb, fbc, nf_in, nf_out = ffn_bwd(b, g, gc)
+            g, gc = lam2 * g + fb, lam2 * gc + fbc                              # at b
+            lnb = layernorm(h.var, h.corr, d, g, gc / g)
+            g, gc = lnb.grad_var, lnb.grad_cov                                  # at h
+            ab, abc, n_q, n_k, n_v, n_o = attention_bwd(a, y, i, g, gc)
+            g, gc = lam2 * g + ab, lam2 * gc + abc                              # at a
+            lnb = layernorm(xin.var, xin.corr, d, g, gc / g)
+            g, gc = lnb.grad_var, lnb.grad_cov                                  # at x
+        for name, n2 in zip(GRAD_MATRICES, (n_q, n_k, n_v, n_o, nf_in, nf_out)):
+            norms[name][i] = math.sqrt(max(n2, 0.0))
+
+    total = np.sqrt(sum(v ** 2 for v in norms.values()))
+    return Prediction(
+        forward_variance=fwd_var, correlation=fwd_corr, grad_norm=total, grad_norms=norms,
+        grad_variance=g_var, grad_correlation=g_corr,
+        embedding_variance=emb_signal.var, embedding_correlation=emb_signal.corr,
+        attention_input_correlation=attn_r, seq_len=L,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing a prediction with a measurement
+
+
+def normalise(predicted, measured) -> np.ndarray:
+    """``predicted`` times the one constant that makes its geometric mean equal ``measured``'s:
+    the gradient's absolute scale (set by the loss) is outside the component theory."""
+    p, m = np.asarray(predicted, float), np.asarray(measured, float)
+    ok = (p > 0) & (m > 0) & np.isfinite(p) & np.isfinite(m)
+    if not ok.any():
+        return p.copy()
+    return p * math.exp(float(np.mean(np.log(m[ok]) - np.log(p[ok]))))
+
+
+def agreement(predicted, measured, log: bool = False) -> dict:
+    """R^2 of the prediction as a model of the measurement, 1 - SS_res / SS_tot about the
+    measurement's mean (of log values with ``log``), and the largest relative error
+    max |p - m| / |m|. A flat measured curve (max/min < 1.2) makes R^2 uninformative (its
+    variance is mostly sampling noise): ``flat`` says so."""
+    p, m = np.asarray(predicted, float), np.asarray(measured, float)
+    rel = float(np.max(np.abs(p - m) / np.abs(m)))
+    pp, mm = (np.log(p), np.log(m)) if log else (p, m)
+    ss_tot = float(np.sum((mm - mm.mean()) ** 2))
+    r2 = 1.0 - float(np.sum((mm - pp) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
+    ratio = float(np.max(np.abs(m)) / np.min(np.abs(m))) if np.min(np.abs(m)) > 0 else float("inf")
+    return {"r2": r2, "max_rel_error": rel, "log": bool(log), "flat": bool(ratio < 1.2)}

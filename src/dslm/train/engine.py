@@ -1,0 +1,588 @@
+"""The training loop shared by pretraining and finetuning: :func:`train` runs a :class:`~dslm.train.task.Task`.
+
+One optimizer step consumes the global batch ``global_batch`` as ``accum = global_batch /
+(micro_batch * world_size)`` micro-batches per rank; each micro-batch's loss (a mean over the
+micro-batch) is divided by ``accum`` and back-propagated, DDP all-reduces (averages) the gradients
+on the last micro-step only, so the update is the mean of the micro-batch means over all ranks and
+micro-steps -- independent of how the global batch is split. Then: global-norm clipping, AdamW
+(fused; fp32 master weights under bf16 autocast), the warmup + linear-decay schedule.
+
+Nothing reads a device value back per micro-step or per step: metric sums stay on the device and are
+all-reduced once per ``log_every`` steps; a step whose gradient norm is not finite (NaN/inf loss or
+gradient) is skipped inside the fused optimizer kernel (``found_inf``), and the host learns about it
+one step later through a pinned copy and a CUDA event, without stalling the GPU queue. After
+``max_bad_steps`` skipped steps in a row the run writes a checkpoint (its weights are those of the
+last good update) and raises :class:`NonFiniteLoss`.
+
+SIGTERM / SIGINT: the current step finishes, a checkpoint is written and the run returns (a second
+SIGINT interrupts at once). Evaluation runs on the task's eval datasets every ``eval_every`` steps
+(those not named ``test``) and on all of them at the end, with the RNG state forked so that it never
+changes the training stream; a resumed run is therefore bit-identical to an uninterrupted one on
+the CPU in fp32.
+
+MFU = tokens/s x FLOPs per token / (peak FLOP/s x GPUs). FLOPs per token come from the task
+(``flops_per_token(model)``; for BERT see :func:`dslm.train.pretrain.bert_flops_per_token`), peak
+is bf16 dense tensor throughput (H100/H200 989, A100 312 TFLOP/s) or ``--peak-tflops``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dslm.errors import UsageError
+from dslm.train import checkpoint as ckpt_io
+from dslm.train import distributed as D
+from dslm.train.loader import default_loader
+from dslm.train.logging import RunLogger
+from dslm.train.optim import build_optimizer, clip_grad_norm, skip_if_nonfinite
+from dslm.train.precision import PRECISIONS, autocast
+from dslm.train.schedule import build_scheduler, warmup_steps
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "outputs/train"
+    steps: int | None = None            # optimizer steps; or derived from epochs
+    epochs: float | None = None
+    global_batch: int = 256
+    micro_batch: int | None = None      # per rank; None -> global_batch / world_size
+    lr: float = 1e-4
+    warmup: float = 0.01                # fraction of the steps if < 1, else steps
+    weight_decay: float = 0.01
+    clip: float = 1.0                   # global gradient norm; <= 0 disables
+    precision: str = "bf16"             # "bf16" | "fp32"
+    compile: bool = False
+    eval_every: int = 4000              # steps; 0 = only at the end
+    eval_iters: int | None = 50         # batches per eval dataset; None = all
+    save_every: int = 50000             # steps; 0 = only at the end
+    keep_last: int = 2
+    load: str | None = None
+    seed: int = 1234
+    log_every: int = 10
+    num_workers: int = 2
+    fsdp: bool = False
+    max_bad_steps: int = 10
+    device: str = "auto"                # "auto" | "cpu" | "cuda"
+    # optional extras
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    progress: bool = True
+    peak_tflops: float | None = None
+    eval_batch: int | None = None       # per rank; None -> micro_batch
+    save_final: bool = True             # checkpoint at the end of the run
+
+
+_HELP = {
+    "out_dir": "directory for checkpoints, metrics.jsonl and TensorBoard logs",
+    "steps": "optimizer steps (default: from --epochs)",
+    "epochs": "passes over the training data (used when --steps is not given)",
+    "global_batch": "sequences per optimizer step, over all ranks and micro-steps",
+    "micro_batch": "sequences per forward pass per rank (default: global batch / ranks); gradient "
+                   "accumulation makes up the rest",
+    "lr": "peak learning rate",
+    "warmup": "linear warmup: a fraction of the steps if < 1, else a number of steps",
+    "weight_decay": "decoupled AdamW weight decay (not on biases and LayerNorm)",
+    "clip": "global gradient-norm clipping (<= 0: off)",
+    "precision": "bf16 autocast with fp32 master weights, or fp32",
+    "compile": "torch.compile the transformer blocks and the loss",
+    "eval_every": "evaluate every N steps (0: only at the end)",
+    "eval_iters": "batches per evaluation set ('all' for a full pass)",
+    "save_every": "checkpoint every N steps (0: only at the end)",
+    "keep_last": "checkpoints to keep",
+    "load": "resume from a checkpoint (or the newest one in a run directory)",
+    "seed": "random seed",
+    "log_every": "log every N steps",
+    "num_workers": "background data-loader processes per rank",
+    "fsdp": "shard parameters, gradients and optimizer state with FSDP2 instead of DDP",
+    "max_bad_steps": "stop after this many consecutive steps with a non-finite loss or gradient",
+    "device": "auto (CUDA if available), cpu or cuda",
+    "adam_beta1": "AdamW beta1", "adam_beta2": "AdamW beta2", "adam_eps": "AdamW epsilon",
+    "progress": "show a progress bar",
+    "peak_tflops": "peak FLOP/s per device for MFU (default: known GPUs in bf16)",
+    "eval_batch": "sequences per evaluation batch per rank (default: the micro-batch)",
+    "save_final": "write a checkpoint at the end of the run",
+}
+
+
+def _eval_iters(value: str):
+    if value.lower() in ("all", "none"):
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'all', got {value!r}") from None
+    return None if n <= 0 else n
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """One flag per :class:`TrainConfig` field (``--out-dir``, ``--global-batch``, ...); ``defaults``
+    overrides the dataclass defaults (a job's recipe)."""
+    base = asdict(TrainConfig())
+    base.update(defaults or {})
+    group = parser.add_argument_group("training")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default, help_text = base[f.name], _HELP[f.name]
+        if f.name in ("compile", "fsdp", "progress", "save_final"):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif f.name == "precision":
+            group.add_argument(flag, choices=PRECISIONS, default=default, help=help_text)
+        elif f.name == "device":
+            group.add_argument(flag, choices=("auto", "cpu", "cuda"), default=default, help=help_text)
+        elif f.name == "eval_iters":
+            group.add_argument(flag, type=_eval_iters, default=default, metavar="N", help=help_text)
+        elif f.name in ("out_dir", "load"):
+            group.add_argument(flag, default=default, metavar="DIR", help=help_text)
+        else:
+            kind = float if f.name in ("epochs", "lr", "warmup", "weight_decay", "clip", "adam_beta1",
+                                       "adam_beta2", "adam_eps", "peak_tflops") else int
+            group.add_argument(flag, type=kind, default=default, help=help_text)
+
+
+def train_config_from_args(args) -> TrainConfig:
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise a one-line UsageError naming the flag of an impossible value."""
+    def bad(flag, msg):
+        raise UsageError(f"--{flag} {msg}")
+
+    if cfg.steps is None and cfg.epochs is None:
+        bad("steps", "or --epochs is required")
+    if cfg.steps is not None and cfg.steps < 1:
+        bad("steps", f"{cfg.steps}: must be >= 1")
+    if cfg.epochs is not None and not cfg.epochs > 0:
+        bad("epochs", f"{cfg.epochs}: must be > 0")
+    if cfg.global_batch < 1:
+        bad("global-batch", f"{cfg.global_batch}: must be >= 1")
+    if cfg.micro_batch is not None and cfg.micro_batch < 1:
+        bad("micro-batch", f"{cfg.micro_batch}: must be >= 1")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        bad("lr", f"{cfg.lr}: must be a positive number")
+    if cfg.warmup < 0:
+        bad("warmup", f"{cfg.warmup}: must be >= 0")
+    if cfg.weight_decay < 0:
+        bad("weight-decay", f"{cfg.weight_decay}: must be >= 0")
+    if cfg.precision not in PRECISIONS:
+        bad("precision", f"{cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    for name in ("eval_every", "save_every", "keep_last", "num_workers"):
+        if getattr(cfg, name) < 0:
+            bad(name.replace("_", "-"), f"{getattr(cfg, name)}: must be >= 0")
+    for name in ("log_every", "max_bad_steps"):
+        if getattr(cfg, name) < 1:
+            bad(name.replace("_", "-"), f"{getattr(cfg, name)}: must be >= 1")
+    if cfg.eval_iters is not None and cfg.eval_iters < 1:
+        bad("eval-iters", f"{cfg.eval_iters}: must be >= 1 or 'all'")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        bad("device", f"{cfg.device!r}: expected auto, cpu or cuda")
+    if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1 and cfg.adam_eps > 0):
+        bad("adam-beta1", "and --adam-beta2 must be in [0, 1), --adam-eps > 0")
+
+
+def peak_flops(device: torch.device, precision: str, override_tflops: float | None = None) -> float | None:
+    """Peak dense FLOP/s of one device for MFU, or None when unknown (CPU, fp32 on an unknown GPU)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0),
+                        ("L40S", 362.0), ("A10", 125.0)):
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+def _dist_info(model) -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device_of(model) -> torch.device:
+    for p in model.parameters():
+        return p.device if not hasattr(p, "to_local") else p.to_local().device
+    return torch.device("cpu")
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    if device.type == "cpu":
+        return batch
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _make_loader(task, dataset, batch_size, rank, world, start_step, num_steps, train, cfg, device):
+    if hasattr(task, "make_loader"):
+        return task.make_loader(dataset, batch_size, rank, world, start_step, num_steps, train)
+    return default_loader(dataset, batch_size, rank, world, start_step, num_steps, train,
+                          num_workers=cfg.num_workers, seed=cfg.seed, pin_memory=device.type == "cuda")
+
+
+def _stack(metrics: dict, keys: list[str], device) -> torch.Tensor:
+    return torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).to(device)
+
+
+def evaluate(task, model, datasets: dict, cfg: TrainConfig) -> dict[str, dict[str, float]]:
+    """Summaries of the task's metrics on each dataset (all ranks take part; every rank gets them).
+    At most ``cfg.eval_iters`` batches of ``cfg.eval_batch or cfg.micro_batch`` per rank each."""
+    rank, world = _dist_info(model)
+    device = _device_of(model)
+    batch_size = cfg.eval_batch or cfg.micro_batch or max(1, cfg.global_batch // world)
+    was_training = model.training
+    model.eval()
+    results = {}
+    fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=fork_devices):
+            for name, dataset in datasets.items():
+                keys, total = None, None
+                for batch in _make_loader(task, dataset, batch_size, rank, world, 0, cfg.eval_iters, False, cfg, device):
+                    batch = _to_device(batch, device)
+                    with autocast(device, cfg.precision):
+                        loss, metrics = task.loss_and_metrics(model, batch)
+                    if keys is None:
+                        keys = sorted(metrics)
+                        total = torch.zeros(len(keys) + 2, device=device, dtype=torch.float64)
+                    vec = torch.cat([_stack(metrics, keys, device), loss.detach().float().reshape(1),
+                                     torch.ones(1, device=device)])
+                    total += vec.double()
+                if keys is None:  # this rank got no batch: ask the others for the key set
+                    keys = sorted(D.broadcast_object(None, D.DistEnv(rank, world)) or [])
+                    total = torch.zeros(len(keys) + 2, device=device, dtype=torch.float64)
+                elif world > 1:
+                    D.broadcast_object(keys, D.DistEnv(rank, world))
+                if world > 1:
+                    dist.all_reduce(total)
+                values = total.tolist()
+                sums = dict(zip(keys, values[:-2]))
+                summary = dict(task.summarize(sums))
+                if values[-1] > 0:
+                    summary.setdefault("loss", values[-2] / values[-1])
+                results[name] = summary
+    finally:
+        model.train(was_training)
+    return results
+
+
+class _Signals:
+    """SIGTERM/SIGINT set a flag (the loop checkpoints and returns); a second SIGINT interrupts."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class _Lagged:
+    """Reads a small device vector one step late: copy to pinned memory + event now, read next time."""
+
+    def __init__(self, device):
+        self.device = device
+        self.pending = None
+
+    def push(self, step: int, vec: torch.Tensor):
+        if self.device.type != "cuda":
+            self.pending = (step, vec.detach().clone(), None)
+            return
+        host = torch.empty(vec.shape, dtype=vec.dtype, pin_memory=True)
+        host.copy_(vec.detach(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending = (step, host, event)
+
+    def pop(self):
+        if self.pending is None:
+            return None
+        step, host, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        return step, host.tolist()
+
+
+def _accumulation(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    micro = cfg.micro_batch or max(1, cfg.global_batch // world)
+    if cfg.global_batch % (micro * world):
+        raise UsageError(f"--global-batch {cfg.global_batch} is not a multiple of --micro-batch {micro} x "
+                         f"{world} ranks")
+    return micro, cfg.global_batch // (micro * world)
+
+
+def _total_steps(cfg: TrainConfig, dataset) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * len(dataset) / cfg.global_batch))
+
+
+def _compile(task, model):
+    if hasattr(task, "compile_model"):
+        task.compile_model(model)
+        return
+    blocks = D.repeated_blocks(model)
+    if blocks:
+        for block in blocks:
+            block.compile()
+    else:
+        model.compile()
+
+
+def train(task, cfg: TrainConfig) -> dict:
+    """Run ``task`` as configured (one process, or every rank under torchrun). Returns the final
+    metrics ``{"train": ..., "eval": {name: summary}, "steps": .., "tokens_per_s": .., ...}``."""
+    validate(cfg)
+    env = D.setup(cfg.device)
+    try:
+        return _train(task, cfg, env)
+    finally:
+        D.cleanup()
+
+
+def _seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
+    device, world = env.device, env.world_size
+    micro, accum = _accumulation(cfg, world)
+    out_dir = Path(cfg.out_dir)
+    ckpt_root = out_dir / "checkpoints"
+
+    _seed(cfg.seed)  # same initial weights on every rank
+    model = task.build_model()
+    if cfg.compile:
+        _compile(task, model)
+    model = D.wrap(model, env, cfg.fsdp)
+    train_ds = task.train_dataset()
+    eval_sets = task.eval_datasets() or {}
+    total = _total_steps(cfg, train_ds)
+    optimizer = build_optimizer(D.unwrap(model), cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+                                cfg.adam_eps, fused=True if device.type in ("cuda", "cpu") else None)
+    scheduler = build_scheduler(optimizer, warmup_steps(cfg.warmup, total), total)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    model_config = None
+    inner = D.unwrap(model)
+    if hasattr(task, "config_dict"):
+        model_config = task.config_dict()
+    elif hasattr(getattr(inner, "config", None), "to_dict"):
+        model_config = inner.config.to_dict()
+    meta = {"task": task.name, "model_config": model_config, "global_batch": cfg.global_batch,
+            "total_steps": total, "train_config": asdict(cfg)}
+
+    start, rng, counters = 0, None, {}
+    if cfg.load:
+        path, saved, trainer = ckpt_io.load(cfg.load, model, optimizer, scheduler, env,
+                                            {"task": task.name, "model_config": model_config,
+                                             "global_batch": cfg.global_batch})
+        start, rng, counters = int(saved["step"]), trainer.get("rng"), trainer.get("counters", {})
+        if start > total:
+            raise UsageError(f"--load {path}: checkpoint is at step {start}, past --steps {total}")
+
+    log = RunLogger(out_dir, env.is_main, total, start, progress=cfg.progress)
+    if env.is_main:
+        n_params = sum(p.numel() for p in inner.parameters())
+        log.print(f"{task.name}: {n_params / 1e6:.2f}M parameters, {world} x {device.type}, steps {start}->{total}, "
+                  f"global batch {cfg.global_batch} = {micro} x {accum} accumulation x {world} ranks, "
+                  f"{cfg.precision}{', compiled' if cfg.compile else ''}"
+                  + (f", resumed from {cfg.load}" if cfg.load else ""))
+
+    loader = _make_loader(task, train_ds, micro, env.rank, world, start * accum, total * accum, True, cfg, device)
+    batches = iter(loader)
+    # RNG after the loader iterator (creating it draws from torch's generator): dropout stream per rank
+    if rng is not None:
+        ckpt_io.set_rng_state(rng)
+    else:
+        _seed(cfg.seed * 1009 + 17 + env.rank)
+
+    flops_per_token = task.flops_per_token(inner) if hasattr(task, "flops_per_token") else None
+    peak = peak_flops(device, cfg.precision, cfg.peak_tflops)
+    skipped, consecutive = counters.get("skipped", 0), 0
+    lagged = _Lagged(device)
+    keys = None
+    interval = None
+    engine_keys = ["loss_sum", "micro_steps", "grad_norm_sum", "good_steps", "steps"]
+    last_train, last_eval, last_ckpt = {}, {}, None
+    tokens_per_step = None
+    t_interval, interval_tokens = time.perf_counter(), 0
+    run_tokens, run_time, eval_time, first_interval = 0, 0.0, 0.0, True
+    stop_reason = None
+
+    def save(step):
+        nonlocal last_ckpt
+        path = ckpt_io.save(ckpt_root, step, model, optimizer, scheduler, env, meta,
+                            {"counters": {"skipped": skipped}}, cfg.keep_last)
+        if env.is_main:
+            last_ckpt = path
+            log.print(f"step {step}: checkpoint {path}")
+
+    model.train()
+    with _Signals() as signals:
+        step = start
+        while step < total:
+            step_vec = None
+            for a in range(accum):
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    raise RuntimeError(f"the training loader ended at step {step} (expected {total} steps)") from None
+                if tokens_per_step is None:
+                    ids = batch.get("input_ids")
+                    per_item = getattr(task, "tokens_per_item", None) or (ids.shape[-1] if ids is not None else 1)
+                    tokens_per_step = cfg.global_batch * per_item
+                batch = _to_device(batch, device)
+                last = a == accum - 1
+                sync = contextlib.nullcontext()
+                if world > 1 and not last:
+                    if hasattr(model, "no_sync"):
+                        sync = model.no_sync()
+                    elif hasattr(model, "set_requires_gradient_sync"):
+                        model.set_requires_gradient_sync(False)
+                if world > 1 and last and hasattr(model, "set_requires_gradient_sync"):
+                    model.set_requires_gradient_sync(True)
+                with sync:
+                    with autocast(device, cfg.precision):
+                        loss, metrics = task.loss_and_metrics(model, batch)
+                    (loss / accum).backward()
+                if keys is None:
+                    keys = sorted(metrics)
+                    interval = torch.zeros(len(keys) + len(engine_keys), device=device, dtype=torch.float64)
+                vec = torch.cat([_stack(metrics, keys, device), loss.detach().float().reshape(1)])
+                step_vec = vec if step_vec is None else step_vec + vec
+            grad_norm = clip_grad_norm(params, cfg.clip)
+            found = skip_if_nonfinite(optimizer, grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.found_inf = None
+            good = 1.0 - found
+            gn = torch.where(found > 0, torch.zeros_like(grad_norm), grad_norm.float())
+            interval += torch.cat([step_vec.double() * good, torch.stack([good * accum, gn, good, torch.ones_like(good)]
+                                                                            ).double()])
+            step += 1
+            interval_tokens += tokens_per_step
+            log.advance()
+
+            # the previous step's flag (its kernels are done or nearly; this one's stay queued)
+            previous = lagged.pop()
+            lagged.push(step, found.reshape(1))
+            for item in ([previous] if previous else []) + ([lagged.pop()] if step == total else []):
+                s, (bad,) = item
+                if bad:
+                    skipped += 1
+                    consecutive += 1
+                    log.print(f"step {s}: non-finite loss or gradient, step skipped ({consecutive} in a row)")
+                else:
+                    consecutive = 0
+            if consecutive >= cfg.max_bad_steps:
+                stop_reason = "nonfinite"
+            boundary = step % cfg.log_every == 0 or step == total or stop_reason
+            if world == 1 and signals.received:
+                stop_reason = stop_reason or "signal"
+            if boundary or stop_reason:
+                flag = torch.tensor([1.0 if signals.received else 0.0], device=device, dtype=torch.float64)
+                vec = torch.cat([interval, flag])
+                if world > 1:
+                    dist.all_reduce(vec)
+                values = vec.tolist()
+                interval.zero_()
+                if values[-1] > 0 and not stop_reason:
+                    stop_reason = "signal"
+                now = time.perf_counter()
+                elapsed = now - t_interval - eval_time
+                tps = interval_tokens / elapsed if elapsed > 0 else float("nan")
+                if not first_interval or step == total:
+                    run_tokens += interval_tokens
+                    run_time += elapsed
+                first_interval = False
+                sums = dict(zip(keys, values[:len(keys)]))
+                loss_sum, micro_steps, gn_sum, good_steps, n_steps = values[len(keys):len(keys) + 5]
+                summary = dict(task.summarize(sums)) if good_steps > 0 else {}
+                summary.setdefault("loss", loss_sum / micro_steps if micro_steps else float("nan"))
+                summary.update(lr=scheduler.get_last_lr()[0],
+                               grad_norm=gn_sum / good_steps if good_steps else float("nan"),
+                               tokens_per_s=tps, skipped_steps=float(skipped))
+                if flops_per_token and peak:
+                    summary["mfu"] = tps * flops_per_token / (peak * world)
+                if device.type == "cuda":
+                    summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                last_train = summary
+                log.log(step, "train", summary)
+                t_interval, interval_tokens, eval_time = now, 0, 0.0
+            if stop_reason:
+                break
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                t0 = time.perf_counter()
+                eval_now = {k: v for k, v in eval_sets.items() if k != "test"}
+                if eval_now:
+                    last_eval = evaluate(task, model, eval_now, cfg)
+                    for name, m in last_eval.items():
+                        log.log(step, name, m)
+                eval_time += time.perf_counter() - t0
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                t0 = time.perf_counter()
+                save(step)
+                eval_time += time.perf_counter() - t0
+
+        if stop_reason:
+            save(step)
+            log.close()
+            if stop_reason == "nonfinite":
+                where = last_ckpt or "(written by rank 0)"
+                raise NonFiniteLoss(f"stopped at step {step}: {consecutive} consecutive steps had a non-finite loss "
+                                    f"or gradient ({skipped} skipped in all); the last good weights are in {where}")
+            log_msg = f"received {signals.received}: stopped at step {step} after writing {last_ckpt}; " \
+                      f"resume with --load {out_dir}"
+            if env.is_main:
+                print(log_msg, flush=True)
+            return {"train": last_train, "eval": last_eval, "steps": step, "stopped": signals.received,
+                    "tokens_per_s": run_tokens / run_time if run_time else None, "skipped_steps": skipped,
+                    "checkpoint": str(last_ckpt) if last_ckpt else None}
+
+    final_eval = evaluate(task, model, eval_sets, cfg) if eval_sets else {}
+    for name, m in final_eval.items():
+        log.log(total, name, m)
+    if cfg.save_final:
+        save(total)
+    log.close()
+    return {"train": last_train, "eval": final_eval, "steps": total,
+            "tokens_per_s": run_tokens / run_time if run_time else None, "skipped_steps": skipped,
+            "checkpoint": str(last_ckpt) if last_ckpt else None}

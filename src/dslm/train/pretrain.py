@@ -1,0 +1,298 @@
+"""Pretrain BERT (masked LM + segment-order head) on a prepared dataset with the dslm training engine.
+
+Defaults are the reference recipe of THEORY.md section 4 (BERT-base, L 512, global batch 256,
+488,281 steps, lr 1e-4, 1% warmup, linear decay, bf16, Post-LN, megatron init); `--preset tiny`
+is a CPU-sized run. Every value is a flag. Launch with torchrun for several GPUs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dslm.errors import UsageError
+from dslm.model import BertConfig, BertForPreTraining
+from dslm.model.bert import IGNORE_INDEX
+from dslm.train.engine import NonFiniteLoss, add_train_arguments, train, train_config_from_args
+
+DEFAULT_DATA = "outputs/data/embedded"
+
+# THEORY.md section 4
+RECIPE = dict(layers=12, hidden=768, heads=12, ffn=None, seq_len=512, ln="post", activation="relu",
+              init="megatron", dropout=0.1,
+              out_dir="outputs/pretrain", steps=488_281, global_batch=256, lr=1e-4, warmup=0.01,
+              weight_decay=0.01, clip=1.0, precision="bf16", eval_every=4000, eval_iters=50, save_every=50_000)
+PRESETS = {
+    "reference": {},
+    "tiny": dict(layers=2, hidden=128, heads=2, seq_len=128, out_dir="outputs/pretrain_tiny", steps=300,
+                 global_batch=32, lr=1e-3, warmup=0.05, precision="fp32", eval_every=100, eval_iters=5,
+                 save_every=0, log_every=20, num_workers=1),
+}
+PRESET_KEYS = sorted(set(RECIPE) | {k for p in PRESETS.values() for k in p})
+
+
+def bert_flops_per_token(config: BertConfig, seq_len: int, lm_fraction: float = 0.15) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward; a multiply-add = 2 FLOPs):
+
+        3 x [ N (8 d^2 + 4 d d_f + 4 L d) + f (2 d^2 + 2 d V) ]
+
+    per layer: QKV + output projections 8 d^2, FFN 4 d d_f, attention scores and values 4 L d; the LM
+    head (dense d x d and the tied d x V decoder) runs on the fraction ``f`` of positions that are
+    predicted (0.15 here; 1.0 for a head on every position, as in HF). Embeddings, LayerNorms,
+    softmax, pooler and binary head are left out. For d_f = 4 d this is 6 x (12 N d^2) + 12 N L d per
+    token (+ the head), the usual "6 x parameters + attention" estimate."""
+    d, n, df, v = config.hidden_size, config.num_layers, config.ffn_size, config.vocab_size
+    return 3.0 * (n * (8 * d * d + 4 * d * df + 4 * seq_len * d) + lm_fraction * (2 * d * d + 2 * d * v))
+
+
+class PretrainingObjective(nn.Module):
+    """The parameters of a :class:`BertForPreTraining` (same names, same tensors) with a loss that never
+    syncs with the host: each sequence's predicted positions are gathered into a fixed number
+    ``max_predictions`` of slots (the sampler predicts at most round(0.15 L) tokens per sequence;
+    spare slots carry label -100), so shapes are static (torch.compile, no ``nonzero``). Returns
+    ``(loss, metric sums)``; ``save_pretrained`` writes the plain ``BertForPreTraining``."""
+
+    def __init__(self, model: BertForPreTraining, max_predictions: int):
+        super().__init__()
+        self.bert, self.lm_head, self.binary_head = model.bert, model.lm_head, model.binary_head
+        self.config = model.config
+        self.max_predictions = max_predictions
+        object.__setattr__(self, "pretrained", model)  # not a child: no duplicate parameter names
+        self.head_loss = self._head_loss
+
+    def save_pretrained(self, directory):
+        return self.pretrained.save_pretrained(directory)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, mlm_labels=None, binary_labels=None):
+        enc = self.bert(input_ids, token_type_ids, attention_mask)
+        return self.head_loss(enc.last_hidden_state, enc.pooled_output, mlm_labels, binary_labels)
+
+    def _head_loss(self, seq, pooled, mlm_labels, binary_labels):
+        b, length, d = seq.shape
+        n = min(self.max_predictions, length)
+        predicted = mlm_labels != IGNORE_INDEX
+        slots = predicted.to(seq.dtype if seq.is_floating_point() else torch.float32).topk(n, dim=1, sorted=False).indices
+        labels = mlm_labels.gather(1, slots).reshape(-1)
+        h = seq.gather(1, slots.unsqueeze(-1).expand(b, n, d)).reshape(b * n, d)
+        logits = self.lm_head(h, self.bert.embeddings.word_embeddings.weight)
+        valid = labels != IGNORE_INDEX
+        mlm_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        mlm_count = valid.sum()
+        mlm_correct = ((logits.argmax(-1) == labels) & valid).sum()
+        blogits = self.binary_head(pooled)
+        bvalid = binary_labels != IGNORE_INDEX
+        bin_sum = F.cross_entropy(blogits.float(), binary_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        bin_count = bvalid.sum()
+        bin_correct = ((blogits.argmax(-1) == binary_labels) & bvalid).sum()
+        loss = mlm_sum / mlm_count.clamp(min=1) + bin_sum / bin_count.clamp(min=1)
+        return loss, {"mlm_loss_sum": mlm_sum, "mlm_count": mlm_count, "mlm_correct": mlm_correct,
+                      "binary_loss_sum": bin_sum, "binary_count": bin_count, "binary_correct": bin_correct}
+
+
+def summarize_pretraining(sums: dict) -> dict:
+    out = {}
+    if sums.get("mlm_count"):
+        out["mlm_loss"] = sums["mlm_loss_sum"] / sums["mlm_count"]
+        out["mlm_acc"] = sums["mlm_correct"] / sums["mlm_count"]
+        out["ppl"] = math.exp(min(out["mlm_loss"], 700.0))
+    if sums.get("binary_count"):
+        out["binary_loss"] = sums["binary_loss_sum"] / sums["binary_count"]
+        out["binary_acc"] = sums["binary_correct"] / sums["binary_count"]
+    if "mlm_loss" in out and "binary_loss" in out:
+        out["loss"] = out["mlm_loss"] + out["binary_loss"]
+    return out
+
+
+class PretrainTask:
+    """BERT pretraining on a prepared dataset directory (``dslm prepare-data``): train / valid / test
+    splits of :class:`dslm.data.PretrainingDataset`, batches from :func:`dslm.data.make_loader`."""
+
+    name = "pretrain"
+
+    def __init__(self, data_dir, config: BertConfig, seq_len: int, seed: int = 1234, num_workers: int = 2,
+                 r0_auto: bool = False, pin_memory: bool | None = None):
+        self.data_dir, self.config, self.seq_len, self.seed = Path(data_dir), config, seq_len, seed
+        self.num_workers, self.r0_auto = num_workers, r0_auto
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.tokens_per_item = seq_len
+        self._datasets = {}
+        if seq_len > config.max_position_embeddings:
+            raise UsageError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+                             f"{config.max_position_embeddings}")
+
+    def dataset(self, split: str):
+        from dslm.data import PretrainingDataset
+
+        if split not in self._datasets:
+            self._datasets[split] = PretrainingDataset(self.data_dir, split, self.seq_len, self.seed)
+        return self._datasets[split]
+
+    @property
+    def max_predictions(self) -> int:
+        return self.dataset("train").config.max_predictions
+
+    def build_model(self) -> nn.Module:
+        if self.r0_auto and self.config.uses_dslm_init:
+            from dslm.model import measure_r0
+
+            probe = BertForPreTraining(self.config)
+            batch = self.dataset("train").get_batch(range(min(64, len(self.dataset("train")))))
+            r0 = measure_r0(probe, batch)
+            self.config = BertConfig.from_dict({**self.config.to_dict(), "r0": r0})
+            print(f"measured r0 = {r0:.4f}", flush=True)
+        return PretrainingObjective(BertForPreTraining(self.config), self.max_predictions)
+
+    def config_dict(self) -> dict:
+        return {**self.config.to_dict(), "seq_len": self.seq_len}
+
+    def train_dataset(self):
+        return self.dataset("train")
+
+    def eval_datasets(self) -> dict:
+        return {"valid": self.dataset("valid"), "test": self.dataset("test")}
+
+    def loss_and_metrics(self, model, batch):
+        return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                     batch["mlm_labels"], batch["binary_labels"])
+
+    def summarize(self, sums):
+        return summarize_pretraining(sums)
+
+    def make_loader(self, dataset, batch_size, rank, world_size, start_step, num_steps, train):
+        from dslm.data import make_loader
+
+        if not train and num_steps is None:  # one pass (at least one batch)
+            num_steps = max(1, len(dataset) // (batch_size * world_size))
+        return make_loader(dataset, batch_size, rank, world_size, self.num_workers, start_step, num_steps,
+                           pin_memory=self.pin_memory)
+
+    def flops_per_token(self, model) -> float:
+        return bert_flops_per_token(self.config, self.seq_len, self.max_predictions / self.seq_len)
+
+    def compile_model(self, model) -> None:
+        """Compile each transformer layer (one graph reused by all of them) and the head + loss."""
+        for layer in model.bert.layers:
+            layer.compile()
+        model.head_loss = torch.compile(model._head_loss)
+
+
+# ---- the `dslm pretrain` command ---------------------------------------------------------------
+def _r0(value: str):
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="reference",
+                        help="defaults for every flag not given: the paper's recipe, or a CPU-sized run")
+    parser.add_argument("--data", metavar="DIR", default=None,
+                        help=f"prepared dataset directory (default: the embedded corpus, prepared on first use in {DEFAULT_DATA})")
+    m = parser.add_argument_group("model")
+    m.add_argument("--layers", type=int, help="transformer layers")
+    m.add_argument("--hidden", type=int, help="model width d")
+    m.add_argument("--heads", type=int, help="attention heads")
+    m.add_argument("--ffn", type=int, help="FFN width (default 4 d)")
+    m.add_argument("--seq-len", type=int, help="sequence length L")
+    m.add_argument("--ln", choices=("post", "pre"), help="LayerNorm placement")
+    m.add_argument("--activation", choices=("relu", "gelu"), help="FFN activation")
+    m.add_argument("--init", choices=("megatron", "xavier", "dslm"), help="init scheme")
+    m.add_argument("--dslm-mode", choices=("both", "init", "scaling"), default="both",
+                   help="with --init dslm: init + residual scaling, init only, or scaling only")
+    m.add_argument("--lam2", type=float, default=None, help="DSLM lambda^2 (default 1 - beta^2)")
+    m.add_argument("--beta2", type=float, default=None, help="DSLM beta^2 (default dslm_k / layers)")
+    m.add_argument("--dslm-k", type=float, default=1.0, help="beta^2 = k / layers when --beta2 is not given")
+    m.add_argument("--r0", type=_r0, default=None, help="input correlation for the DSLM init: a number or "
+                   "'auto' (measured on a data batch); default 0.221")
+    m.add_argument("--dropout", type=float, help="hidden and attention dropout")
+    add_train_arguments(parser, RECIPE)
+    # flags a preset sets: absent from the namespace unless given, resolved in run()
+    for action in parser._actions:
+        if action.dest in PRESET_KEYS:
+            shown = {k: p.get(action.dest, RECIPE.get(action.dest, action.default)) for k, p in PRESETS.items()}
+            action.help = f"{action.help or ''} (default: {shown['reference']}; tiny: {shown['tiny']})"
+            action.default = argparse.SUPPRESS
+
+
+def _resolve(args) -> argparse.Namespace:
+    preset = PRESETS[args.preset]
+    from dslm.train.engine import TrainConfig
+
+    base = {**TrainConfig().__dict__, **RECIPE, **preset}
+    for key in PRESET_KEYS + list(TrainConfig().__dict__):
+        if not hasattr(args, key):
+            setattr(args, key, base.get(key))
+    return args
+
+
+def build_config(args, vocab_size: int) -> BertConfig:
+    r0 = args.r0 if isinstance(args.r0, float) else None
+    try:
+        return BertConfig(vocab_size=vocab_size, hidden_size=args.hidden, num_layers=args.layers,
+                          num_heads=args.heads, ffn_size=args.ffn,
+                          max_position_embeddings=max(512, args.seq_len), hidden_dropout=args.dropout,
+                          attention_dropout=args.dropout, ln=args.ln, activation=args.activation,
+                          init=args.init, dslm_mode=args.dslm_mode, lam2=args.lam2, beta2=args.beta2,
+                          dslm_k=args.dslm_k, **({"r0": r0} if r0 is not None else {}))
+    except ValueError as e:
+        raise UsageError(f"model: {e}") from None
+
+
+def run(args) -> int:
+    args = _resolve(args)
+    cfg = train_config_from_args(args)
+    if args.seq_len is None or args.seq_len < 8:
+        raise UsageError(f"--seq-len {args.seq_len}: must be >= 8")
+    if args.data is None:
+        from dslm.data import ensure_embedded_dataset
+
+        data = ensure_embedded_dataset(DEFAULT_DATA) if _is_main() else None
+        _barrier_files(DEFAULT_DATA)
+        data = data or DEFAULT_DATA
+    else:
+        data = args.data
+    from dslm.data.manifest import read_manifest
+
+    vocab_size = read_manifest(Path(data))["vocab_size"]
+    config = build_config(args, vocab_size)
+    task = PretrainTask(data, config, args.seq_len, seed=cfg.seed, num_workers=cfg.num_workers,
+                        r0_auto=args.r0 == "auto")
+    try:
+        result = train(task, cfg)
+    except NonFiniteLoss as e:
+        print(f"dslm pretrain: {e}", flush=True)
+        return 1
+    if _is_main():
+        path = Path(cfg.out_dir) / "final_metrics.json"
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"final metrics: {path}")
+    return 0
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _barrier_files(data_dir: str) -> None:
+    """Other ranks wait until rank 0 has prepared the embedded dataset (before any process group)."""
+    import os
+    import time
+
+    if _is_main():
+        return
+    deadline = time.time() + 600
+    while not (Path(data_dir) / "dataset.json").is_file():
+        if time.time() > deadline:
+            raise UsageError(f"{data_dir}: timed out waiting for rank 0 to prepare the dataset")
+        time.sleep(0.5)
+    del os
