@@ -10,7 +10,11 @@ formulas of :mod:`dslm.theory.components` and the init stds of :func:`dslm.model
 - ``grad_norms[name]`` (q, k, v, attn_out, ffn_in, ffn_out) and ``grad_norm`` (the six together),
   the L2 norms of the weight-matrix gradients, relative to the same top gradient.
 
-Forward. A signal is (variance, cross-token covariance) with zero mean. Embeddings: three tables of
+Forward. A signal is (variance, cross-token covariance) with zero mean, plus how much its tokens'
+norms fluctuate relative to a Gaussian's (``phi``): :func:`layernorm_corr`'s O(1/d) correction
+assumes a Gaussian input, whose token norms fluctuate; a Post-LN stream is mostly the previous
+LayerNorm's output, whose norms are fixed, and applying the full correction twice per layer would
+lose ~N/d of the correlation that the measurement keeps, so the correction is scaled by phi. Embeddings: three tables of
 std s_e, summed (variance 3 s_e^2, correlation r0), then dropout. A sub-layer is LayerNorm
 (:func:`layernorm`), the block, hidden dropout (:func:`dropout`) and the residual mix
 x <- lam x + beta block, whose variances and covariances add (the block's weights are independent of
@@ -107,12 +111,14 @@ def _token_counts(seq_len, batch_size, lengths):
 
 
 class _Signal:
-    """Forward moments (zero mean): variance and mean cross-token covariance."""
+    """Forward moments (zero mean): variance, mean cross-token covariance, and ``phi``, the variance
+    of a token's mean square over d features relative to a Gaussian vector's (1 for block outputs,
+    0 right after a LayerNorm, which fixes every token's norm)."""
 
-    __slots__ = ("var", "cov")
+    __slots__ = ("var", "cov", "phi")
 
-    def __init__(self, var, cov):
-        self.var, self.cov = float(var), float(cov)
+    def __init__(self, var, cov, phi=1.0):
+        self.var, self.cov, self.phi = float(var), float(cov), float(phi)
 
     @property
     def corr(self):
@@ -120,7 +126,11 @@ class _Signal:
 
 
 def _mix(x: _Signal, blk: _Signal, lam2, beta2) -> _Signal:
-    return _Signal(lam2 * x.var + beta2 * blk.var, lam2 * x.cov + beta2 * blk.cov)
+    """x <- lam x + beta blk for independent x and blk. The token mean square of the sum has
+    variance (2/d)(phi_x A^2 + phi_b B^2 + 2 A B) with A = lam^2 var_x, B = beta^2 var_b."""
+    a, b = lam2 * x.var, beta2 * blk.var
+    phi = (x.phi * a * a + blk.phi * b * b + 2 * a * b) / (a + b) ** 2
+    return _Signal(a + b, lam2 * x.cov + beta2 * blk.cov, phi)
 
 
 def predict(config, seq_len=None, batch_size=None, r0=None, lengths=None,
@@ -152,7 +162,11 @@ def predict(config, seq_len=None, batch_size=None, r0=None, lengths=None,
 
     def ln(x: _Signal) -> _Signal:
         m = layernorm(x.var, x.corr, d, corr_mode=ln_corr_mode)
-        return _Signal(m.var, m.cov)
+        if ln_corr_mode == "delta":
+            # the O(1/d) loss comes from dividing by each token's random norm: scale it by how much
+            # the input's token norms fluctuate (a Gaussian: phi 1; a LayerNorm output: phi 0)
+            return _Signal(m.var, x.corr + x.phi * (m.cov - x.corr), 0.0)
+        return _Signal(m.var, m.cov, 0.0)
 
     # ---------------------------------------------------------------- forward, saving block inputs
     emb = 3 * stds["embedding"] ** 2

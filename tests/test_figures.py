@@ -1,0 +1,71 @@
+"""`dslm figures` end to end on a tiny preset (PNGs + JSON with every key), and bad flags."""
+import json
+
+import pytest
+import torch
+
+from dslm.cli import main
+
+TINY = ["--preset", "small", "--layers", "4", "--hidden", "32", "--heads", "4", "--seq-len", "32",
+        "--batch", "4", "--micro-batch", "2", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from dslm.data import ensure_embedded_dataset
+
+    return ensure_embedded_dataset(tmp_path_factory.mktemp("data") / "embedded")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("init", ["xavier", "dslm"])
+def test_figures_end_to_end(tmp_path, data_dir, init, capsys):
+    out = tmp_path / init
+    extra = ["--r0", "auto"] if init == "dslm" else []
+    assert main(["figures", "--init", init, "--out", str(out), "--data", str(data_dir), *TINY, *extra]) == 0
+    for name in ("preln_forward.png", "preln_backward.png", "postln_forward.png",
+                 "postln_backward.png", "correlation.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    record = json.loads((out / "signal_propagation.json").read_text())
+    assert [r["ln"] for r in record["runs"]] == ["pre", "post"]
+    for run in record["runs"]:
+        assert run["init"] == init and run["config"]["num_layers"] == 4
+        for key in ("forward_variance", "predicted_forward_variance", "correlation",
+                    "predicted_correlation", "grad_norm", "predicted_grad_norm"):
+            assert len(run[key]) == 4, key
+        for curve in ("forward_variance", "correlation", "grad_norm"):
+            assert set(run["agreement"][curve]) >= {"r2", "max_rel_error"}
+    if init == "dslm":
+        assert record["runs"][0]["config"]["r0"] != 0.221       # measured on the batch
+    assert not list(out.glob(".*tmp*"))
+    assert "Pre-LN" in capsys.readouterr().out
+
+
+def test_one_placement(tmp_path, data_dir):
+    out = tmp_path / "pre"
+    assert main(["figures", "--out", str(out), "--data", str(data_dir), "--placements", "pre", *TINY]) == 0
+    assert (out / "preln_backward.png").exists() and not (out / "postln_backward.png").exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--heads", "5"], "does not divide"),
+    (["--dropout", "1.0"], "--dropout"),
+    (["--init", "kaiming"], "invalid choice"),
+    (["--r0", "2"], "--r0"),
+    (["--lam2", "0.9"], "--init dslm only"),
+    (["--placements", "middle"], "invalid choice"),
+])
+def test_bad_flags_one_line_exit_2(tmp_path, flags, words, capsys):
+    argv = ["figures", "--out", str(tmp_path / "x"), *TINY]
+    # later flags win in argparse: put the bad one last
+    assert main(argv + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and words in err and err.startswith("dslm figures: error:"), err
+    assert not (tmp_path / "x").exists()
