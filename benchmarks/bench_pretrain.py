@@ -104,8 +104,9 @@ def bench_hf(config, batch, warmup, steps):
                          num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
                          intermediate_size=config.ffn_size, hidden_act=config.activation,
                          max_position_embeddings=config.max_position_embeddings, layer_norm_eps=1e-5,
-                         hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-    model = HFBert(hf_config, attn_implementation="sdpa").cuda().train()
+                         hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, attn_implementation="sdpa")
+    model = HFBert(hf_config).cuda().train()
+    assert model.config._attn_implementation == "sdpa"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
     params = list(model.parameters())
     args = dict(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],

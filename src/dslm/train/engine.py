@@ -84,6 +84,7 @@ class TrainConfig:
     peak_tflops: float | None = None
     eval_batch: int | None = None       # per rank; None -> micro_batch
     save_final: bool = True             # checkpoint at the end of the run
+    stop_at: int | None = None          # stop (with a checkpoint) after this step, e.g. to split a run into jobs
 
 
 _HELP = {
@@ -115,6 +116,7 @@ _HELP = {
     "peak_tflops": "peak FLOP/s per device for MFU (default: known GPUs in bf16)",
     "eval_batch": "sequences per evaluation batch per rank (default: the micro-batch)",
     "save_final": "write a checkpoint at the end of the run",
+    "stop_at": "stop with a checkpoint after this step (resume later with --load)",
 }
 
 
@@ -425,13 +427,6 @@ def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
                   f"{cfg.precision}{', compiled' if cfg.compile else ''}"
                   + (f", resumed from {cfg.load}" if cfg.load else ""))
 
-    loader = _make_loader(task, train_ds, micro, env.rank, world, start * accum, total * accum, True, cfg, device)
-    batches = iter(loader)
-    # RNG after the loader iterator (creating it draws from torch's generator): dropout stream per rank
-    if rng is not None:
-        ckpt_io.set_rng_state(rng)
-    else:
-        _seed(cfg.seed * 1009 + 17 + env.rank)
 
     flops_per_token = task.flops_per_token(inner) if hasattr(task, "flops_per_token") else None
     peak = peak_flops(device, cfg.precision, cfg.peak_tflops)
@@ -455,7 +450,16 @@ def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
             log.print(f"step {step}: checkpoint {path}")
 
     model.train()
+    # signal handlers first: loader workers forked below inherit them, so a SIGTERM sent to the whole
+    # process group leaves them running until the main process has written its checkpoint
     with _Signals() as signals:
+        loader = _make_loader(task, train_ds, micro, env.rank, world, start * accum, total * accum, True, cfg, device)
+        batches = iter(loader)
+        # RNG after the loader iterator (creating it draws from torch's generator): dropout stream per rank
+        if rng is not None:
+            ckpt_io.set_rng_state(rng)
+        else:
+            _seed(cfg.seed * 1009 + 17 + env.rank)
         step = start
         while step < total:
             step_vec = None
@@ -517,6 +521,8 @@ def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
             boundary = step % cfg.log_every == 0 or step == total or stop_reason
             if world == 1 and signals.received:
                 stop_reason = stop_reason or "signal"
+            if cfg.stop_at is not None and step >= cfg.stop_at and step < total:
+                stop_reason = stop_reason or "stop_at"
             if boundary or stop_reason:
                 flag = torch.tensor([1.0 if signals.received else 0.0], device=device, dtype=torch.float64)
                 vec = torch.cat([interval, flag])
@@ -569,11 +575,11 @@ def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
                 where = last_ckpt or "(written by rank 0)"
                 raise NonFiniteLoss(f"stopped at step {step}: {consecutive} consecutive steps had a non-finite loss "
                                     f"or gradient ({skipped} skipped in all); the last good weights are in {where}")
-            log_msg = f"received {signals.received}: stopped at step {step} after writing {last_ckpt}; " \
-                      f"resume with --load {out_dir}"
+            why = f"received {signals.received}" if stop_reason == "signal" else f"--stop-at {cfg.stop_at}"
+            log_msg = f"{why}: stopped at step {step} after writing {last_ckpt}; resume with --load {out_dir}"
             if env.is_main:
                 print(log_msg, flush=True)
-            return {"train": last_train, "eval": last_eval, "steps": step, "stopped": signals.received,
+            return {"train": last_train, "eval": last_eval, "steps": step, "stopped": signals.received or stop_reason,
                     "tokens_per_s": run_tokens / run_time if run_time else None, "skipped_steps": skipped,
                     "checkpoint": str(last_ckpt) if last_ckpt else None}
 
