@@ -2,7 +2,7 @@
 :mod:`dslm.theory` predicts it, its paper and quick grids, and the rows of its report.
 
 A simulation function receives a chunk of configurations that share their integer/shape axes
-(``S``: name -> value) and differ in their scalar axes (``P``: name -> tensor of shape (C,)), and
+(``S``: name -> value) and differ in their scalar axes (``P``: name -> host array of shape (C,)), and
 the dtype in which to sample (bfloat16 for the matmul components under ``--precision bf16``, where
 every tensor is drawn in bf16 so no cast pass is needed; float32 otherwise); it returns measured
 moments as (C,) tensors, accumulated in fp32 or better. The backward pass is the vector-Jacobian product with a
@@ -64,8 +64,7 @@ class Component:
 
 def _upstream_gradient(shape, P, device, dtype):
     """G: mean 0, std g, cross-token correlation r_g (along the token axis 2)."""
-    zeros = torch.zeros_like(P["g"])
-    return equicorrelated(shape, zeros, P["g"], P["r_g"], device=device, dtype=dtype)
+    return equicorrelated(shape, np.zeros_like(P["g"]), P["g"], P["r_g"], device=device, dtype=dtype)
 
 
 def _measure(y, gx, shift: bool = False) -> dict:
@@ -251,7 +250,7 @@ DROPOUT = Component(
 
 def _sim_softmax(P, S, device, dtype):
     C, B, L = len(P["s"]), S["samples"], S["L"]
-    x = equicorrelated((C, B, L), torch.zeros_like(P["s"]), P["s"], P["r"], token_dim=2, device=device)
+    x = equicorrelated((C, B, L), np.zeros_like(P["s"]), P["s"], P["r"], token_dim=2, device=device)
     x.requires_grad_(True)
     y = torch.softmax(x, dim=-1)
     G = scaled_normal((C, B, L), P["g"], device=device)  # r_g = 0
@@ -300,9 +299,11 @@ SOFTMAX = Component(
 def _sim_sha(P, S, device, dtype):
     C, R, L, d, dh, p = len(P["s"]), S["samples"], S["L"], S["d"], S["d_h"], S["p"]
     x = equicorrelated((C, R, L, d), P["mu"], P["s"], P["r"], device=device, dtype=dtype)
-    stds = torch.stack([P["s_q"], P["s_q"], P["s_v"]], dim=1).float() / math.sqrt(d)   # s_k = s_q
-    W = torch.randn(C, d, 3, dh, device=device, dtype=dtype)
-    W = torch.mul(W, stds[:, None, :, None], out=W).reshape(C, d, 3 * dh)
+    W = torch.empty(C, d, 3, dh, device=device, dtype=dtype)
+    for c in range(C):                                   # Q, K (s_k = s_q) and V, scaled in fp32
+        for j, std in enumerate((P["s_q"][c], P["s_q"][c], P["s_v"][c])):
+            W[c, :, j].normal_(0.0, float(std) / math.sqrt(d))
+    W = W.reshape(C, d, 3 * dh)
 
     def attention(t):
         qkv = torch.bmm(t.reshape(C, R * L, d), W).reshape(C, R, L, 3, dh)

@@ -1,45 +1,52 @@
 """Monte-Carlo building blocks shared by every component simulation.
 
 All tensors carry a leading config axis C, so one kernel launch serves many configurations; the
-per-config scalars (mean, std, correlation, ...) are tensors of shape (C,). Nothing here
-synchronises with the host.
+per-config scalars (mean, std, correlation, ...) are host arrays of shape (C,), applied inside the
+sampling kernels. Nothing here synchronises with the device.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 
 
-def per_config(values, ndim: int) -> torch.Tensor:
-    """View a (C,) tensor as (C, 1, ..., 1) with ``ndim`` dims in total, for broadcasting."""
-    return values.reshape(values.shape[0], *([1] * (ndim - 1)))
-
-
 def equicorrelated(shape, mean, std, corr, token_dim: int = 2, device=None, dtype=torch.float32):
     """Gaussian samples whose entries are correlated with coefficient ``corr`` along
-    ``token_dim`` and independent along every other axis, in O(n) and one fused pass:
+    ``token_dim`` and independent along every other axis, in O(n):
 
-        x = (mean + std sqrt(corr) z_shared) + std sqrt(1 - corr) z,
+        x = std sqrt(1 - corr) z  +  (mean + std sqrt(corr) z_shared),
 
     where z_shared is drawn once per position of the other axes (size 1 along ``token_dim``).
-    ``mean``, ``std`` and ``corr`` are (C,) tensors for the leading config axis. The arithmetic is
-    fp32 even when ``dtype`` is bfloat16 (only the result is rounded): rounding a scale factor
-    such as 0.0316 to bf16 would bias every variance by ~0.1 %.
+    ``mean``, ``std`` and ``corr`` are host arrays of length C (the leading config axis). Each
+    config's part is drawn already scaled (the normal kernel applies the std in fp32 and rounds
+    once to ``dtype``), then the fp32 shared part is added in one pass. Scales are never rounded
+    to bf16 on their own: rounding a factor like 0.0316 to bf16 biases every variance by ~0.1 %.
     """
     shared_shape = list(shape)
     shared_shape[token_dim] = 1
-    n = len(shape)
-    mean, std, corr = (per_config(v.to(device=device, dtype=torch.float32), n) for v in (mean, std, corr))
-    shared = torch.randn(shared_shape, device=device).mul_(std * torch.sqrt(corr)).add_(mean)
-    z = torch.randn(shape, device=device, dtype=dtype)
-    return torch.addcmul(shared, z, std * torch.sqrt(1 - corr), out=z)
+    x = torch.empty(shape, device=device, dtype=dtype)
+    shared = torch.empty(shared_shape, device=device, dtype=torch.float32)
+    needs_shared = False
+    for c in range(shape[0]):
+        m, sd, r = float(mean[c]), float(std[c]), float(corr[c])
+        x[c].normal_(0.0, sd * math.sqrt(1.0 - r))
+        if r > 0:
+            shared[c].normal_(m, sd * math.sqrt(r))
+        else:
+            shared[c].fill_(m)
+        needs_shared = needs_shared or r > 0 or m != 0
+    return x.add_(shared) if needs_shared else x
 
 
 def scaled_normal(shape, std, device=None, dtype=torch.float32):
-    """N(0, std^2) samples with a per-config std ((C,) tensor), scaled in fp32 and rounded once
-    to ``dtype`` (see :func:`equicorrelated` on why the scale must not be rounded)."""
-    z = torch.randn(shape, device=device, dtype=dtype)
-    return torch.mul(z, per_config(std.to(device=device, dtype=torch.float32), len(shape)), out=z)
+    """N(0, std[c]^2) samples for each config c (``std`` a host array of length C), drawn
+    scaled in fp32 and rounded once to ``dtype``."""
+    z = torch.empty(shape, device=device, dtype=dtype)
+    for c in range(shape[0]):
+        z[c].normal_(0.0, float(std[c]))
+    return z
 
 
 def sum_squares(y: torch.Tensor, dims) -> torch.Tensor:

@@ -155,20 +155,18 @@ def run_component(component: Component, grid: dict, device: torch.device, precis
 
     torch.manual_seed(seed * 1009 + list(COMPONENTS).index(component.name))
     start = time.perf_counter()
-    on_device = {a: torch.tensor(columns[a], dtype=torch.float32, device=device) for a in scalar_axes}
     dtype = torch.bfloat16 if component.uses_matmul and precision == "bf16" else torch.float32
     order, chunks = [], []
     bar = tqdm(total=n, desc=f"{component.name:9s}", unit="cfg", disable=not progress, leave=False)
     for key, idx in groups.items():
         S = dict(zip(component.shape_axes, key))
         per_chunk = max(1, int(budget // (4 * component.floats_per_config(S))))
-        idx_dev = torch.tensor(idx, device=device)
         for s in range(0, len(idx), per_chunk):
-            sel = idx_dev[s:s + per_chunk]
-            P = {a: on_device[a].index_select(0, sel) for a in scalar_axes}
+            sel = idx[s:s + per_chunk]
+            P = {a: columns[a][sel] for a in scalar_axes}
             with _kernel_settings(component, precision):
                 out = component.simulate(P, S, device, dtype)
-            order.extend(idx[s:s + per_chunk])
+            order.extend(sel)
             chunks.append({k: v.detach().double() for k, v in out.items()})
             bar.update(len(sel))
     measured_keys = list(chunks[0])
