@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from dslm.cli import main
 
@@ -15,14 +14,6 @@ def data_dir(tmp_path_factory):
     from dslm.data import ensure_embedded_dataset
 
     return ensure_embedded_dataset(tmp_path_factory.mktemp("data") / "embedded")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("init", ["xavier", "dslm"])

@@ -11,7 +11,6 @@ from dslm.errors import UsageError
 from dslm.finetune.heads import MultipleChoice, SequenceClassifier, head_std, load_encoder
 from dslm.model import BertConfig, BertForPreTraining, BertModel
 
-torch.set_num_threads(1)
 
 
 def small(init="megatron", d=32, **kw):

@@ -15,7 +15,6 @@ from dslm.finetune.tasks import DEMO_DATA, SPECS, FinetuneTask, load_split, pred
 from dslm.model import BertConfig, BertForPreTraining, BertModel
 from dslm.train.engine import TrainConfig, train
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,6 @@ import torch.nn.functional as F
 from dslm.model import BertConfig, BertForPreTraining, BertModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 V = 97
 
 

@@ -10,15 +10,6 @@ from dslm.model import BertConfig, BertForPreTraining, init_plan, measure_r0, sc
 from dslm.theory.dslm_init import dslm_stds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models are overhead-bound; one thread avoids oversubscribing a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 D, N, HEADS, P = 128, 6, 4, 0.1
 
 

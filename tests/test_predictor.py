@@ -10,14 +10,6 @@ from dslm.probe import probe_model
 from dslm.theory import agreement, normalise, predict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _text_like_batch(b=8, s=64, vocab=2000, seed=0):
     """Zipf-distributed tokens (repeats give the inputs a cross-token correlation, as text does),
     two segments, a little padding, 15 % masked-LM labels."""

@@ -8,14 +8,6 @@ from dslm.model import BertConfig, BertForPreTraining
 from dslm.probe import GRAD_MATRICES, TokenMoments, probe_model, token_moments
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batch(b=8, s=32, vocab=512, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (b, s), generator=g)

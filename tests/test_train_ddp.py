@@ -5,12 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from dslm.train.engine import TrainConfig, train
 from dslm.train.logging import read_metrics
 
-torch.set_num_threads(1)
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from train_ddp_worker import tiny_task  # noqa: E402

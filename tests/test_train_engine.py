@@ -2,7 +2,6 @@
 checkpoint errors, logging outputs and the `dslm pretrain` flags."""
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,6 @@ from dslm.train.pretrain import PretrainTask
 from dslm.train.schedule import lr_factor, warmup_steps
 from dslm.train.task import Task
 
-torch.set_num_threads(1)
-sys.path.insert(0, str(Path(__file__).parent))
-from train_ddp_worker import tiny_task  # noqa: E402
 
 
 @pytest.fixture(scope="module")

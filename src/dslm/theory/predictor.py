@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dslm.theory.components import (
-    attention_head, dropout, ffn_block, gelu, layernorm, layernorm_corr, linear, relu, softmax,
+    attention_head, dropout, ffn_block, gelu, layernorm, linear, relu, softmax,
 )
 
 GRAD_MATRICES = ("q", "k", "v", "attn_out", "ffn_in", "ffn_out")
@@ -149,7 +149,7 @@ def predict(config, seq_len=None, batch_size=None, r0=None, lengths=None,
     from dslm.model.init import scheme_stds  # the model's own init numbers (one source of truth)
 
     tokens, pairs, L = _token_counts(seq_len, batch_size, lengths)
-    d, d_f, heads = config.hidden_size, config.ffn_size, config.num_heads
+    d, d_f = config.hidden_size, config.ffn_size
     d_h, N = config.head_dim, config.num_layers
     p, pa = float(config.hidden_dropout), float(config.attention_dropout)
     act = config.activation
