@@ -24,10 +24,8 @@ from torch import nn
 
 from dslm.errors import UsageError
 from dslm.model import BertConfig, BertModel
+from dslm.model.bert import CONFIG_FILE, WEIGHTS_FILE, save_weights_dir
 from dslm.model.init import MEGATRON_STD
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def head_std(config: BertConfig, n_out: int) -> float:
@@ -61,17 +59,8 @@ class _Finetuned(nn.Module):
         raise NotImplementedError
 
     def save_pretrained(self, directory) -> Path:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_FILE + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.replace(directory / WEIGHTS_FILE)
         meta = {"architectures": [type(self).__name__], "head": self.head_config(), "bert": self.config.to_dict()}
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        return directory
+        return save_weights_dir(self, directory, meta)
 
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu"):

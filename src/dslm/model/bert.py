@@ -169,23 +169,28 @@ class PreTrainingOutput(_Output):
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
+def save_weights_dir(module: nn.Module, directory, meta: dict) -> Path:
+    """Write ``module``'s weights to ``directory/model.safetensors`` (temporary file + rename) and
+    ``meta`` to ``directory/config.json``; the layout every dslm model directory uses."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(directory / WEIGHTS_FILE)
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
 class _Pretrained:
     """``save_pretrained(dir)`` / ``from_pretrained(dir)``: config.json + model.safetensors."""
 
     config: BertConfig
 
     def save_pretrained(self, directory) -> Path:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_FILE + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.replace(directory / WEIGHTS_FILE)
-        meta = {"architectures": [type(self).__name__], **self.config.to_dict()}
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        return directory
+        return save_weights_dir(self, directory, {"architectures": [type(self).__name__], **self.config.to_dict()})
 
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu"):

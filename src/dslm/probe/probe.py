@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dslm.probe.stats import TokenMoments
+from dslm.records import jsonable_fields
 
 MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "binary_labels")
 GRAD_MATRICES = ("q", "k", "v", "attn_out", "ffn_in", "ffn_out")
@@ -53,14 +54,7 @@ class ProbeResult:
 
     def to_dict(self) -> dict:
         """JSON-ready (lists and floats)."""
-        out = {}
-        for name, value in self.__dict__.items():
-            if isinstance(value, np.ndarray):
-                value = value.tolist()
-            elif isinstance(value, dict):
-                value = {k: v.tolist() for k, v in value.items()}
-            out[name] = value
-        return out
+        return jsonable_fields(self)
 
 
 def _split(batch: dict, size: int):

@@ -206,10 +206,7 @@ LAYERNORM = Component(
            "d": [100], "L": [100], "samples": [100]},
     simulate=_sim_layernorm,
     predict=_pred_layernorm,
-    rows=(
-        Row("x mean", "mean", "mean", "var"),
-        Row("x var", "var", "var"),
-        Row("g var", "grad_var", "grad_var"),
+    rows=STANDARD_ROWS[:3] + (
         Row("x cov (reference r(1-1/d))", "cov", "cov_reference", "var"),
         Row("x cov (ours, delta method)", "cov", "cov", "var"),
         Row("feature cov", "feature_cov", "feature_cov", "var"),
@@ -332,13 +329,7 @@ SHA = Component(
            "L": [300], "samples": [64]},
     simulate=_sim_sha,
     predict=_pred_sha,
-    rows=(
-        Row("x mean", "mean", "mean", "var"),
-        Row("x var", "var", "var"),
-        Row("g var", "grad_var", "grad_var"),
-        Row("x cov", "cov", "cov", "var"),
-        Row("g cov", "grad_cov", "grad_cov"),
-    ),
+    rows=STANDARD_ROWS[:4] + (Row("g cov", "grad_cov", "grad_cov"),),   # the reference: no scale here
     floats_per_config=lambda S: S["samples"] * S["L"] * (6 * S["d"] + 12 * S["d_h"] + 3 * S["L"]) + 3 * S["d"] * S["d_h"],
     uses_matmul=True,
 )

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dslm.records import jsonable_fields
 from dslm.theory.components import (
     attention_head, dropout, ffn_block, gelu, layernorm, linear, relu, softmax,
 )
@@ -84,14 +85,8 @@ class Prediction:
         return len(self.forward_variance)
 
     def to_dict(self) -> dict:
-        out = {}
-        for name, value in self.__dict__.items():
-            if isinstance(value, np.ndarray):
-                value = value.tolist()
-            elif isinstance(value, dict):
-                value = {k: np.asarray(v).tolist() for k, v in value.items()}
-            out[name] = value
-        return out
+        """JSON-ready (lists and floats)."""
+        return jsonable_fields(self)
 
 
 def _token_counts(seq_len, batch_size, lengths):
