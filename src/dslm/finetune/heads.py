@@ -58,9 +58,12 @@ class _Finetuned(nn.Module):
     def head_config(self) -> dict:
         raise NotImplementedError
 
-    def save_pretrained(self, directory) -> Path:
-        meta = {"architectures": [type(self).__name__], "head": self.head_config(), "bert": self.config.to_dict()}
-        return save_weights_dir(self, directory, meta)
+    def pretrained_meta(self) -> dict:
+        """What ``config.json`` holds: the class, the head and the encoder config."""
+        return {"architectures": [type(self).__name__], "head": self.head_config(), "bert": self.config.to_dict()}
+
+    def save_pretrained(self, directory, state: dict | None = None) -> Path:
+        return save_weights_dir(self, directory, self.pretrained_meta(), state)
 
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu"):

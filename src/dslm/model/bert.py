@@ -169,14 +169,15 @@ class PreTrainingOutput(_Output):
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
-def save_weights_dir(module: nn.Module, directory, meta: dict) -> Path:
-    """Write ``module``'s weights to ``directory/model.safetensors`` (temporary file + rename) and
-    ``meta`` to ``directory/config.json``; the layout every dslm model directory uses."""
+def save_weights_dir(module: nn.Module, directory, meta: dict, state: dict | None = None) -> Path:
+    """Write ``module``'s weights (or ``state``, e.g. a state dict gathered from FSDP shards) to
+    ``directory/model.safetensors`` (temporary file + rename) and ``meta`` to
+    ``directory/config.json``; the layout every dslm model directory uses."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state or module.state_dict()).items()}
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / WEIGHTS_FILE)
@@ -189,8 +190,12 @@ class _Pretrained:
 
     config: BertConfig
 
-    def save_pretrained(self, directory) -> Path:
-        return save_weights_dir(self, directory, {"architectures": [type(self).__name__], **self.config.to_dict()})
+    def pretrained_meta(self) -> dict:
+        """What ``config.json`` holds: the class and the config."""
+        return {"architectures": [type(self).__name__], **self.config.to_dict()}
+
+    def save_pretrained(self, directory, state: dict | None = None) -> Path:
+        return save_weights_dir(self, directory, self.pretrained_meta(), state)
 
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu"):

@@ -94,17 +94,17 @@ def save(root: str | Path, step: int, model, optimizer, scheduler, env: D.DistEn
     torch.save(rng_state(), tmp / f"rng_rank{env.rank}.pt")
     if env.is_main:
         inner = D.unwrap(model)
-        if hasattr(inner, "save_pretrained") and not _is_fsdp(model):
-            inner.save_pretrained(tmp)
+        seen, unique = set(), {}
+        for k, v in state.items():  # tied tensors once (safetensors refuses shared storage)
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+            if key not in seen:
+                seen.add(key)
+                unique[k] = v.contiguous()
+        if hasattr(inner, "save_pretrained"):   # a model directory (also under FSDP: the gathered state)
+            inner.save_pretrained(tmp, state=unique)
         else:
             from safetensors.torch import save_file
 
-            seen, unique = set(), {}
-            for k, v in state.items():  # tied tensors once (safetensors refuses shared storage)
-                key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-                if key not in seen:
-                    seen.add(key)
-                    unique[k] = v.contiguous()
             save_file(unique, str(tmp / WEIGHTS), metadata={"format": "pt"})
         torch.save({"optimizer": opt, "scheduler": scheduler.state_dict(), **trainer}, tmp / TRAINER)
         full_meta = {"format": FORMAT, "version": VERSION, "step": step, "world_size": env.world_size, **meta}

@@ -33,15 +33,20 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
 
 
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients (a device tensor, no sync); the gradients are scaled down to
-    ``max_norm`` when it is larger (``max_norm`` <= 0: no clipping, the norm is still returned)."""
+    """Global L2 norm of all gradients (a device tensor, no host sync; a plain tensor also under
+    FSDP2); the gradients are scaled down to ``max_norm`` when it is larger (``max_norm`` <= 0: no
+    clipping, the norm is still returned)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
     if max_norm > 0:
-        return nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], max_norm, foreach=True)
-    return nn.utils.get_total_norm(grads, foreach=True) if hasattr(nn.utils, "get_total_norm") else \
-        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norm = nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], max_norm, foreach=True)
+    elif hasattr(nn.utils, "get_total_norm"):
+        norm = nn.utils.get_total_norm(grads, foreach=True)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    # FSDP2: sharded gradients give a DTensor norm; materialise the global value (an all-reduce)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def skip_if_nonfinite(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:

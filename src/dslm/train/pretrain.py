@@ -65,8 +65,8 @@ class PretrainingObjective(nn.Module):
         object.__setattr__(self, "pretrained", model)  # not a child: no duplicate parameter names
         self.head_loss = self._head_loss
 
-    def save_pretrained(self, directory):
-        return self.pretrained.save_pretrained(directory)
+    def save_pretrained(self, directory, state: dict | None = None):
+        return self.pretrained.save_pretrained(directory, state)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, mlm_labels=None, binary_labels=None):
         enc = self.bert(input_ids, token_type_ids, attention_mask)
