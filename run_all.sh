@@ -29,8 +29,8 @@ step "tiny BERT pretraining on the embedded corpus (CPU preset)"
 python -m dslm pretrain --preset tiny --data "$out/data/embedded" --out-dir "$out/pretrain_tiny" --device cpu --no-progress
 
 # The demo starts from a fresh 2-layer model: the 300-step tiny pretraining is too short to help it
-# (dev accuracy 0.67 from that checkpoint vs 0.79 fresh); `--init-from "$out/pretrain_tiny" --vocab
-# "$out/data/embedded"` runs the pretrained path.
+# (dev accuracy 0.67 from that checkpoint vs 0.79 fresh); `--init-from "$out/pretrain_tiny"` runs the
+# pretrained path (the run directory carries its vocab.txt).
 step "finetuning demo (shipped MNLI-format pairs, fresh tiny model)"
 python -m dslm finetune --task demo --device cpu --no-progress --out-dir "$out/finetune_demo" \
     --cache-dir "$out/finetune_cache"

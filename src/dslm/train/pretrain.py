@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -251,6 +252,7 @@ def run(args) -> int:
     cfg = train_config_from_args(args)
     if args.seq_len is None or args.seq_len < 8:
         raise UsageError(f"--seq-len {args.seq_len}: must be >= 8")
+    build_config(args, vocab_size=30522)   # reject an impossible model before preparing any data
     if args.data is None:
         from dslm.data import ensure_embedded_dataset
 
@@ -265,6 +267,9 @@ def run(args) -> int:
     config = build_config(args, vocab_size)
     task = PretrainTask(data, config, args.seq_len, seed=cfg.seed, num_workers=cfg.num_workers,
                         r0_auto=args.r0 == "auto")
+    if _is_main():   # the run directory carries its vocabulary, so `dslm finetune --init-from` finds it
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(data) / "vocab.txt", Path(cfg.out_dir) / "vocab.txt")
     try:
         result = train(task, cfg)
     except NonFiniteLoss as e:
