@@ -3,6 +3,9 @@
     python benchmarks/bench_pretrain.py throughput --out DIR   # ours (eager, compiled) vs HF BertForPreTraining
     python benchmarks/bench_pretrain.py learning --out DIR     # small BERT + deep DSLM vs xavier/megatron runs
     python benchmarks/bench_pretrain.py plot --out DIR         # curves.png from the learning runs' metrics.jsonl
+    python benchmarks/bench_pretrain.py learning --suite deep --parallel --time-limit S --out DIR
+                                        # 96-layer Post-LN, dslm vs megatron vs xavier at two lrs, all at once
+    python benchmarks/bench_pretrain.py plot --suite deep --out DIR
 
 Throughput: one optimizer step = forward + backward + global-norm clip (1.0) + fused AdamW, bf16
 autocast with fp32 master weights, dropout 0.1, the same random batch (token ids uniform over the
@@ -177,27 +180,83 @@ LEARNING_RUNS = {
 }
 
 
+# The deep comparison: 96-layer Post-LN, d 256, the same lr, warmup and data order for every init
+# scheme; two learning rates. Every run is its own process so that `--parallel` can share one GPU
+# (a 96-layer d 256 model is bound by kernel launches, so the GPU has room for several at once).
+DEEP_LRS = ("2e-3", "5e-3")
+DEEP_INITS = ("dslm", "megatron", "xavier")
+LEARNING_DEEP = {
+    f"deep96_{init}_lr{lr}": dict(layers=96, hidden=256, heads=4, seq_len=128, init=init, ln="post",
+                                  steps=600, global_batch=64, lr=float(lr), warmup=0.02)
+    for lr in DEEP_LRS for init in DEEP_INITS
+}
+SUITES = {"basic": LEARNING_RUNS, "deep": LEARNING_DEEP}
+
+
+def learning_argv(name, r, out, args):
+    eval_every = r["steps"] // (6 if args.suite == "deep" else 4)
+    argv = ["pretrain", "--out-dir", str(out / name), "--eval-every", str(eval_every), "--eval-iters", "10",
+            "--save-every", "0", "--no-save-final", "--log-every", "10", "--no-progress", "--max-bad-steps", "1000000",
+            "--precision", args.precision, "--device", args.device]
+    if args.num_workers is not None:
+        argv += ["--num-workers", str(args.num_workers)]
+    for k, v in r.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    if args.quick:
+        argv += ["--steps", "6", "--eval-every", "3", "--eval-iters", "1", "--layers", "2", "--hidden", "64",
+                 "--heads", "2", "--seq-len", "64", "--global-batch", "4"]
+    return argv
+
+
 def learning(args):
     from dslm.cli import main as cli_main
 
     out = Path(args.out)
-    for name in args.runs:
-        r = LEARNING_RUNS[name]
-        argv = ["pretrain", "--out-dir", str(out / name), "--eval-every", str(r["steps"] // 4), "--eval-iters", "10",
-                "--save-every", "0", "--no-save-final", "--log-every", "10", "--no-progress", "--max-bad-steps", "1000000",
-                "--precision", args.precision, "--device", args.device]
-        for k, v in r.items():
-            argv += [f"--{k.replace('_', '-')}", str(v)]
-        if args.quick:
-            argv += ["--steps", "6", "--eval-every", "3", "--eval-iters", "1", "--layers", "2", "--hidden", "64",
-                     "--heads", "2", "--seq-len", "64"]
-        t0 = time.time()
-        rc = cli_main(argv)
-        print(f"{name}: rc {rc}, {time.time() - t0:.1f} s", flush=True)
+    runs = SUITES[args.suite]
+    names = args.runs or list(runs)
+    if not args.parallel:
+        for name in names:
+            t0 = time.time()
+            rc = cli_main(learning_argv(name, runs[name], out, args))
+            print(f"{name}: rc {rc}, {time.time() - t0:.1f} s", flush=True)
+        return 0
+    # One process per run, all started at once; after --time-limit seconds the ones still running
+    # are killed (their metrics.jsonl keeps every line logged so far; the lr schedule stays the
+    # planned one, so a cut run is the first part of the full run).
+    import os
+    import signal
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    t0 = time.time()
+    for name in names:
+        (out / name).mkdir(parents=True, exist_ok=True)
+        log = (out / name / "stdout.log").open("w")
+        cmd = [sys.executable, "-m", "dslm", *learning_argv(name, runs[name], out, args)]
+        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    status = {}
+    while procs:
+        time.sleep(1.0)
+        for name, p in list(procs.items()):
+            if p.poll() is not None:
+                status[name] = {"rc": p.returncode, "wall_s": round(time.time() - t0, 1), "cut": False}
+                print(f"{name}: rc {p.returncode}, {time.time() - t0:.1f} s", flush=True)
+                del procs[name]
+        if args.time_limit and time.time() - t0 > args.time_limit:
+            for name, p in procs.items():
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                status[name] = {"rc": None, "wall_s": round(time.time() - t0, 1), "cut": True}
+                print(f"{name}: cut at the time limit ({args.time_limit} s)", flush=True)
+            procs = {}
+    (out / "runs_status.json").write_text(json.dumps(status, indent=2) + "\n")
     return 0
 
 
 def plot(args):
+    if args.suite == "deep":
+        return plot_deep(args)
     from dslm.plotting import plt, save
     from dslm.train.logging import read_metrics
 
@@ -227,6 +286,55 @@ def plot(args):
     return 0
 
 
+def unigram_plateau(data_dir="outputs/data/embedded"):
+    """(entropy in nats, accuracy of always predicting the most frequent token) of the corpus's
+    unigram distribution (ids > 4, i.e. without the special tokens): the MLM loss and accuracy of a
+    model that ignores the context. None when the dataset is not there."""
+    import numpy as np
+
+    path = Path(data_dir) / "tokens.bin"
+    if not path.is_file():
+        return None
+    tokens = np.fromfile(path, dtype=np.uint16)
+    counts = np.bincount(tokens[tokens > 4]).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum()), float(p.max())
+
+
+def plot_deep(args):
+    from dslm.plotting import plt, save
+    from dslm.train.logging import read_metrics
+
+    out = Path(args.out)
+    plateau = unigram_plateau(args.data)
+    fig, axes = plt.subplots(2, len(DEEP_LRS), figsize=(6.5 * len(DEEP_LRS), 8), squeeze=False)
+    colors = {"dslm": "tab:blue", "megatron": "tab:orange", "xavier": "tab:green"}
+    for j, lr in enumerate(DEEP_LRS):
+        for init in DEEP_INITS:
+            name = f"deep96_{init}_lr{lr}"
+            if not (out / name / "metrics.jsonl").is_file():
+                continue
+            rows = read_metrics(out / name, "train")
+            valid = read_metrics(out / name, "valid")
+            steps = [r["step"] for r in rows]
+            for i, key in enumerate(("mlm_loss", "mlm_acc")):
+                axes[i][j].plot(steps, [r.get(key, float("nan")) for r in rows], color=colors[init],
+                                label=f"{init} train")
+                if valid:
+                    axes[i][j].plot([r["step"] for r in valid], [r[key] for r in valid], "o--",
+                                    color=colors[init], label=f"{init} valid")
+        axes[0][j].set(title=f"96-layer Post-LN, d 256, lr {lr}: MLM loss", xlabel="step", ylabel="MLM loss")
+        axes[1][j].set(title=f"lr {lr}: MLM accuracy", xlabel="step", ylabel="accuracy")
+        if plateau:
+            axes[0][j].axhline(plateau[0], color="gray", ls=":", label=f"unigram entropy {plateau[0]:.2f}")
+            axes[1][j].axhline(plateau[1], color="gray", ls=":", label=f"most frequent token {plateau[1]:.3f}")
+    for ax in axes.flat:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    print(save(fig, out / "curves.png"))
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=("throughput", "learning", "plot"))
@@ -236,7 +344,15 @@ def main(argv=None):
                    choices=["hf", "ours", "ours-compiled"])
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--runs", nargs="+", default=list(LEARNING_RUNS), choices=list(LEARNING_RUNS))
+    p.add_argument("--suite", choices=list(SUITES), default="basic",
+                   help="learning/plot: the small-BERT + first deep runs, or the deep96 lr comparison")
+    p.add_argument("--runs", nargs="+", default=None, choices=[*LEARNING_RUNS, *LEARNING_DEEP],
+                   help="learning: a subset of the suite's runs (default: all)")
+    p.add_argument("--parallel", action="store_true", help="learning: start every run at once, one process each")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="learning --parallel: kill the runs still going after this many seconds")
+    p.add_argument("--num-workers", type=int, default=None, help="learning: data-loader processes per run")
+    p.add_argument("--data", default="outputs/data/embedded", help="plot --suite deep: dataset for the unigram line")
     p.add_argument("--precision", default="bf16")
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="learning: a seconds-long CPU smoke run")

@@ -141,6 +141,16 @@ def test_race_malformed_accounting(tmp_path):
         R.read_race_tree(tmp_path / "nope", "train")
 
 
+def test_race_answer_must_be_one_letter(tmp_path):
+    """"AB" or "BCD" are substrings of "ABCD" but not answers: counted as malformed, not read as A/B."""
+    race_file(tmp_path, "dev", "high", "a.txt", {
+        "article": "a", "id": "x", "questions": ["q1", "q2", "q3", "q4"],
+        "options": [["1", "2", "3", "4"]] * 4, "answers": ["AB", "BCD", " C ", "ABCD"]})
+    data = R.read_race_tree(tmp_path, "dev")
+    assert [(q.id, q.label) for q in data.questions] == [("x-2", 2)]
+    assert data.report.malformed["answers not one of A B C D"] == 3
+
+
 class FakeDataset:
     """The two things the readers use of a ``datasets.Dataset``: column names and column access."""
 

@@ -169,7 +169,9 @@ def test_nonfinite_steps_are_skipped(tmp_path):
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
-    with pytest.raises(NonFiniteLoss, match="3 consecutive steps.*last good weights are in .*step_0000000"):
+    # bad from step 2 on; the flag is read one step late, so the stop comes at step 5, and the checkpoint
+    # written there counts step 5 too
+    with pytest.raises(NonFiniteLoss, match=r"step 5: 4 consecutive steps.*\(4 skipped in all\).*last good weights are in .*step_00000005"):
         train(SequentialToyTask(poison=range(8, 64)), cfg(tmp_path / "bad", steps=8, max_bad_steps=3))
 
 
@@ -226,3 +228,37 @@ def test_pretrain_cli_tiny(data, tmp_path, capsys):
     assert final["steps"] == 4 and "valid" in final["eval"]
     config = json.loads((Path(final["checkpoint"]) / "config.json").read_text())
     assert config["num_layers"] == 1 and config["hidden_size"] == 32
+
+
+def test_a_skipped_step_does_not_poison_its_logging_interval(tmp_path):
+    """log_every 4 with step 3 non-finite: the interval's loss and metric are the 3 good steps'."""
+    train(SequentialToyTask(poison=range(16, 24)), cfg(tmp_path, steps=4, log_every=4))
+    (row,) = read_metrics(tmp_path, "train")
+    assert row["skipped_steps"] == 1
+    assert math.isfinite(row["loss"]) and math.isfinite(row["mse"])
+
+
+def test_skipped_step_at_a_checkpoint_is_counted_after_resume(tmp_path):
+    full = train(SequentialToyTask(poison=range(8, 16)), cfg(tmp_path / "full", steps=4))
+    train(SequentialToyTask(poison=range(8, 16)), cfg(tmp_path / "part", steps=4, stop_at=2))
+    resumed = train(SequentialToyTask(poison=range(8, 16)), cfg(tmp_path / "part", steps=4, load=str(tmp_path / "part")))
+    assert full["skipped_steps"] == resumed["skipped_steps"] == 1
+
+
+def test_fallback_eval_loss_is_a_per_item_mean(tmp_path):
+    """17 eval items in batches of 4 (the last holds 1): the engine's loss equals the task's mse."""
+    class Uneven(ToyTask):
+        def eval_datasets(self):
+            return {"valid": ToyData(17)}
+
+    result = train(Uneven(), cfg(tmp_path, steps=2, eval_iters=None, eval_batch=4))
+    valid = result["eval"]["valid"]
+    assert valid["loss"] == pytest.approx(valid["mse"], rel=1e-6)
+
+
+def test_pretraining_eval_reads_at_most_one_pass(data):
+    task = pretrain_task(data)
+    valid = task.eval_datasets()["valid"]
+    one_pass = max(1, len(valid) // 4)
+    batches = list(task.make_loader(valid, 4, 0, 1, 0, 10 * one_pass, False))
+    assert len(batches) == one_pass

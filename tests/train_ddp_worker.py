@@ -18,7 +18,42 @@ def tiny_task(data_dir, vocab_size):
     return PretrainTask(data_dir, config, seq_len=32, seed=7, num_workers=0)
 
 
+def uneven_eval_task(n_items: int):
+    """A toy regression task whose model has repeated blocks (FSDP shards them) and whose eval split
+    of ``n_items`` gives the two ranks different numbers of eval batches."""
+    from torch import nn
+
+    from test_train_engine import ToyData, ToyTask
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out = nn.Linear(6, 16), nn.Linear(16, 1)
+            self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+
+        def forward(self, x):
+            h = self.inp(x)
+            for layer in self.layers:
+                h = torch.tanh(layer(h))
+            return self.out(h)
+
+    class Uneven(ToyTask):
+        def build_model(self):
+            return Net()
+
+        def eval_datasets(self):
+            return {"valid": ToyData(n_items)}
+
+    return Uneven()
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "uneven-eval":   # args: uneven-eval OUT N_ITEMS
+        cfg = TrainConfig(out_dir=sys.argv[2], steps=2, global_batch=8, micro_batch=4, lr=1e-3, warmup=1,
+                          precision="fp32", eval_every=0, eval_iters=None, eval_batch=4, save_every=0, log_every=1,
+                          num_workers=0, device="cpu", progress=False, fsdp=True, save_final=False)
+        train(uneven_eval_task(int(sys.argv[3])), cfg)
+        sys.exit(0)
     # args: DATA VOCAB OUT [ddp|fsdp] [STOP_AT] [LOAD]
     data_dir, vocab_size, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     mode = sys.argv[4] if len(sys.argv) > 4 else "ddp"

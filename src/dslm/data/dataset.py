@@ -21,6 +21,7 @@ from dslm.data.vocab import VOCAB_FILE, SpecialIds, read_vocab
 from dslm.errors import UsageError
 
 _SPLIT_STREAM = {name: k for k, name in enumerate(SPLITS)}
+CHUNKING_STREAM = 0x63686B   # domain tag: the chunking draws never share a stream with the epoch orders
 
 
 class PretrainingDataset(torch.utils.data.Dataset):
@@ -53,7 +54,7 @@ class PretrainingDataset(torch.utils.data.Dataset):
         docs = split_documents(store.n_docs, tuple(self.manifest["split"]["weights"]))[split]
         offsets = store.sent_offsets.view(np.ndarray)
         first, end = build_chunks(store.doc_index.view(np.ndarray), offsets, docs, self.config.max_tokens,
-                                  short_seq_prob, np.random.default_rng([seed, _SPLIT_STREAM[split]]))
+                                  short_seq_prob, np.random.default_rng([seed, CHUNKING_STREAM, _SPLIT_STREAM[split]]))
         if len(first) == 0:
             raise UsageError(f"{self.data_dir}: the {split} split has no document with two sentences")
         self._builder = SampleBuilder(store.tokens, offsets, first, end, self.vocab, self.config, seed, shuffle)

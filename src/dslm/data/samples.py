@@ -62,6 +62,9 @@ class SampleConfig:
         return int(np.floor(self.mask_prob * self.seq_len + 0.5))
 
 
+EPOCH_ORDER_STREAM = 0x70726D   # domain tag of the per-epoch sample orders (see dataset.CHUNKING_STREAM)
+
+
 def build_chunks(doc_index: np.ndarray, sent_offsets: np.ndarray, docs: np.ndarray, max_tokens: int,
                  short_seq_prob: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Cut documents ``docs`` into chunks of consecutive sentences; returns (first sentence, end
@@ -212,7 +215,7 @@ class SampleBuilder:
         chunks = np.empty_like(indices)
         for epoch in np.unique(indices // n):
             if self._perm is None or self._perm[0] != epoch:
-                self._perm = (int(epoch), np.random.default_rng([self.seed, int(epoch)]).permutation(n))
+                self._perm = (int(epoch), np.random.default_rng([self.seed, EPOCH_ORDER_STREAM, int(epoch)]).permutation(n))
             here = indices // n == epoch
             chunks[here] = self._perm[1][indices[here] % n]
         return chunks

@@ -31,6 +31,11 @@ from dslm.errors import UsageError
 MNLI_LABELS = ("entailment", "neutral", "contradiction")   # the HF glue/mnli ids 0, 1, 2
 QQP_LABELS = ("not_duplicate", "duplicate")                 # is_duplicate 0 / 1
 RACE_LETTERS = "ABCD"
+
+
+def _is_answer_letter(ans) -> bool:
+    """Exactly one of A B C D (surrounding spaces allowed); not a substring test: "AB" is malformed."""
+    return isinstance(ans, str) and len(ans.strip()) == 1 and ans.strip() in RACE_LETTERS
 RACE_LEVELS = ("middle", "high")
 NUM_CHOICES = 4
 
@@ -264,7 +269,7 @@ def read_race_file(path: Path, level: str, report: ReadReport, out: list) -> Non
         if not isinstance(opts, list) or len(opts) != NUM_CHOICES or not all(isinstance(o, str) for o in opts):
             report.bad(f"questions without {NUM_CHOICES} text options", w)
             continue
-        if not isinstance(ans, str) or ans.strip() not in RACE_LETTERS or not ans.strip():
+        if not _is_answer_letter(ans):
             report.bad("answers not one of A B C D", w)
             continue
         out.append(RaceQuestion(article, q, list(opts), RACE_LETTERS.index(ans.strip()), f"{file_id}-{i}", level))
@@ -401,7 +406,7 @@ def read_hf_race(split: str, levels: tuple[str, ...] = RACE_LEVELS) -> RaceData:
         if not isinstance(opts, (list, tuple)) or len(opts) != NUM_CHOICES or not all(isinstance(o, str) for o in opts):
             report.bad(f"questions without {NUM_CHOICES} text options", w)
             continue
-        if not isinstance(ans, str) or ans.strip() not in RACE_LETTERS or not ans.strip():
+        if not _is_answer_letter(ans):
             report.bad("answers not one of A B C D", w)
             continue
         questions.append(RaceQuestion(article, q, list(opts), RACE_LETTERS.index(ans.strip()),

@@ -256,17 +256,26 @@ def evaluate(task, model, datasets: dict, cfg: TrainConfig) -> dict[str, dict[st
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=fork_devices):
             for name, dataset in datasets.items():
-                keys, total = None, None
-                for batch in _make_loader(task, dataset, batch_size, rank, world, 0, cfg.eval_iters, False, cfg, device):
+                keys, total, last, n_batches = None, None, None, 0
+                batches = _make_loader(task, dataset, batch_size, rank, world, 0, cfg.eval_iters, False, cfg, device)
+                fsdp = world > 1 and getattr(model, "dslm_fsdp", False)
+                if fsdp:   # every forward is collective: agree on the number of batches first
+                    batches = batches if hasattr(batches, "__len__") else list(batches)
+                    most = _max_over_ranks(len(batches), device)
+                for batch in batches:
                     batch = _to_device(batch, device)
                     with autocast(device, cfg.precision):
                         loss, metrics = task.loss_and_metrics(model, batch)
                     if keys is None:
                         keys = sorted(metrics)
                         total = torch.zeros(len(keys) + 2, device=device, dtype=torch.float64)
-                    vec = torch.cat([_stack(metrics, keys, device), loss.detach().float().reshape(1),
-                                     torch.ones(1, device=device)])
+                    items = float(_batch_items(batch))   # the fallback loss is a per-item mean
+                    vec = torch.cat([_stack(metrics, keys, device), loss.detach().float().reshape(1) * items,
+                                     torch.full((1,), items, device=device)])
                     total += vec.double()
+                    last, n_batches = batch, n_batches + 1
+                if fsdp:
+                    _repeat_forwards(task, model, last, most - n_batches, device, cfg)
                 if keys is None:  # this rank got no batch: ask the others for the key set
                     keys = sorted(D.broadcast_object(None, D.DistEnv(rank, world)) or [])
                     total = torch.zeros(len(keys) + 2, device=device, dtype=torch.float64)
@@ -283,6 +292,27 @@ def evaluate(task, model, datasets: dict, cfg: TrainConfig) -> dict[str, dict[st
     finally:
         model.train(was_training)
     return results
+
+
+def _batch_items(batch: dict) -> int:
+    """Number of items (rows) in a batch: the leading size of its first tensor."""
+    return next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+
+
+def _max_over_ranks(n: int, device) -> int:
+    count = torch.tensor([n], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
+
+
+def _repeat_forwards(task, model, last, missing: int, device, cfg) -> None:
+    """Under FSDP every forward all-gathers the sharded weights, so all ranks must run the same
+    number of forwards: a rank with fewer eval batches repeats its last one (results dropped)."""
+    if missing and last is None:
+        raise RuntimeError("an eval split has fewer items than ranks; FSDP needs every rank to get one")
+    for _ in range(missing):
+        with autocast(device, cfg.precision):
+            task.loss_and_metrics(model, last)
 
 
 class _Signals:
@@ -430,8 +460,20 @@ def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
 
     flops_per_token = task.flops_per_token(inner) if hasattr(task, "flops_per_token") else None
     peak = peak_flops(device, cfg.precision, cfg.peak_tflops)
-    skipped, consecutive = counters.get("skipped", 0), 0
+    skipped, consecutive = counters.get("skipped", 0), counters.get("consecutive", 0)
     lagged = _Lagged(device)
+
+    def account(item):
+        """Count one step's non-finite flag (read one step late, see _Lagged)."""
+        nonlocal skipped, consecutive
+        s, (bad,) = item
+        if bad:
+            skipped += 1
+            consecutive += 1
+            log.print(f"step {s}: non-finite loss or gradient, step skipped ({consecutive} in a row)")
+        else:
+            consecutive = 0
+
     keys = None
     interval = None
     engine_keys = ["loss_sum", "micro_steps", "grad_norm_sum", "good_steps", "steps"]
@@ -443,8 +485,11 @@ def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
 
     def save(step):
         nonlocal last_ckpt
+        pending = lagged.pop()   # the newest step's flag belongs in this checkpoint's counters
+        if pending:
+            account(pending)
         path = ckpt_io.save(ckpt_root, step, model, optimizer, scheduler, env, meta,
-                            {"counters": {"skipped": skipped}}, cfg.keep_last)
+                            {"counters": {"skipped": skipped, "consecutive": consecutive}}, cfg.keep_last)
         if env.is_main:
             last_ckpt = path
             log.print(f"step {step}: checkpoint {path}")
@@ -499,8 +544,9 @@ def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
             optimizer.found_inf = None
             good = 1.0 - found
             gn = torch.where(found > 0, torch.zeros_like(grad_norm), grad_norm.float())
-            interval += torch.cat([step_vec.double() * good, torch.stack([good * accum, gn, good, torch.ones_like(good)]
-                                                                            ).double()])
+            # a skipped step's sums are dropped (where, not * 0: a NaN loss times 0 is still NaN)
+            kept = torch.where(found > 0, torch.zeros_like(step_vec), step_vec).double()
+            interval += torch.cat([kept, torch.stack([good * accum, gn, good, torch.ones_like(good)]).double()])
             step += 1
             interval_tokens += tokens_per_step
             log.advance()
@@ -509,13 +555,7 @@ def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
             previous = lagged.pop()
             lagged.push(step, found.reshape(1))
             for item in ([previous] if previous else []) + ([lagged.pop()] if step == total else []):
-                s, (bad,) = item
-                if bad:
-                    skipped += 1
-                    consecutive += 1
-                    log.print(f"step {s}: non-finite loss or gradient, step skipped ({consecutive} in a row)")
-                else:
-                    consecutive = 0
+                account(item)
             if consecutive >= cfg.max_bad_steps:
                 stop_reason = "nonfinite"
             boundary = step % cfg.log_every == 0 or step == total or stop_reason

@@ -167,8 +167,9 @@ class PretrainTask:
     def make_loader(self, dataset, batch_size, rank, world_size, start_step, num_steps, train):
         from dslm.data import make_loader
 
-        if not train and num_steps is None:  # one pass (at least one batch)
-            num_steps = max(1, len(dataset) // (batch_size * world_size))
+        if not train:  # at most one pass (at least one batch): no sample is evaluated twice
+            one_pass = max(1, len(dataset) // (batch_size * world_size))
+            num_steps = one_pass if num_steps is None else min(num_steps, one_pass)
         return make_loader(dataset, batch_size, rank, world_size, self.num_workers, start_step, num_steps,
                            pin_memory=self.pin_memory)
 
