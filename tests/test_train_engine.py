@@ -262,3 +262,37 @@ def test_pretraining_eval_reads_at_most_one_pass(data):
     one_pass = max(1, len(valid) // 4)
     batches = list(task.make_loader(valid, 4, 0, 1, 0, 10 * one_pass, False))
     assert len(batches) == one_pass
+
+
+def test_sigterm_writes_a_checkpoint_exits_0_and_resumes(data, tmp_path):
+    """A SIGTERM mid-run (as torchrun or a scheduler sends it) finishes the step, writes a checkpoint
+    and exits 0; --load continues from that step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "dslm", "pretrain", "--preset", "tiny", "--data", str(data[0]), "--out-dir",
+            str(out), "--device", "cpu", "--layers", "1", "--hidden", "32", "--seq-len", "32", "--eval-every", "0",
+            "--log-every", "1", "--no-progress", "--num-workers", "0", "--steps", "100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and not (
+                (out / "metrics.jsonl").is_file() and len(read_metrics(out, "train")) >= 3):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "SIGTERM" in stdout
+    step = max(r["step"] for r in read_metrics(out, "train"))
+    assert ckpt_io.step_dirs(out / "checkpoints")[-1].name == f"step_{step:08d}"
+    resumed = subprocess.run(args + ["--load", str(out), "--stop-at", str(step + 2)], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert max(r["step"] for r in read_metrics(out, "train")) == step + 2
