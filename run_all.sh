@@ -26,7 +26,10 @@ step "signal-propagation figures, DSLM (small preset on a CPU)"
 DSLM_signal_propagation_figures/make_figs.sh --data "$out/data/embedded" --out "$out/figures/dslm" --quiet
 
 step "tiny BERT pretraining on the embedded corpus (CPU preset)"
-python -m dslm pretrain --preset tiny --data "$out/data/embedded" --out-dir "$out/pretrain_tiny" --device cpu --no-progress
+resume=()   # a second ./run_all.sh continues (or, if finished, only re-evaluates) the earlier run
+[ -d "$out/pretrain_tiny/checkpoints" ] && resume=(--load "$out/pretrain_tiny")
+python -m dslm pretrain --preset tiny --data "$out/data/embedded" --out-dir "$out/pretrain_tiny" --device cpu \
+    --no-progress "${resume[@]}"
 
 # The demo starts from a fresh 2-layer model: the 300-step tiny pretraining is too short to help it
 # (dev accuracy 0.67 from that checkpoint vs 0.79 fresh); `--init-from "$out/pretrain_tiny"` runs the
