@@ -296,3 +296,21 @@ def test_sigterm_writes_a_checkpoint_exits_0_and_resumes(data, tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert max(r["step"] for r in read_metrics(out, "train")) == step + 2
+
+
+def test_eval_iters_count_global_batches_whatever_the_micro_batch(tmp_path):
+    """--eval-iters 2 with global batch 8 reads 16 eval items for micro-batch 8 and for 4 x 2."""
+    from dslm.train.engine import evaluate
+
+    class Counting(ToyTask):
+        def eval_datasets(self):
+            return {"valid": ToyData(64)}
+
+        def summarize(self, sums):
+            return {"items": sums["count"]}
+
+    task = Counting()
+    model = task.build_model()
+    for micro in (8, 4):
+        result = evaluate(task, model, task.eval_datasets(), cfg(tmp_path, micro_batch=micro, eval_iters=2))
+        assert result["valid"]["items"] == 16

@@ -66,7 +66,7 @@ class TrainConfig:
     precision: str = "bf16"             # "bf16" | "fp32"
     compile: bool = False
     eval_every: int = 4000              # steps; 0 = only at the end
-    eval_iters: int | None = 50         # batches per eval dataset; None = all
+    eval_iters: int | None = 50         # global batches per eval dataset (as in Megatron); None = all
     save_every: int = 50000             # steps; 0 = only at the end
     keep_last: int = 2
     load: str | None = None
@@ -101,7 +101,8 @@ _HELP = {
     "precision": "bf16 autocast with fp32 master weights, or fp32",
     "compile": "torch.compile the transformer blocks and the loss",
     "eval_every": "evaluate every N steps (0: only at the end)",
-    "eval_iters": "batches per evaluation set ('all' for a full pass)",
+    "eval_iters": "global batches per evaluation set, the same samples for any number of ranks or micro-batch "
+                  "size ('all' for a full pass)",
     "save_every": "checkpoint every N steps (0: only at the end)",
     "keep_last": "checkpoints to keep",
     "load": "resume from a checkpoint (or the newest one in a run directory)",
@@ -244,10 +245,12 @@ def _stack(metrics: dict, keys: list[str], device) -> torch.Tensor:
 
 def evaluate(task, model, datasets: dict, cfg: TrainConfig) -> dict[str, dict[str, float]]:
     """Summaries of the task's metrics on each dataset (all ranks take part; every rank gets them).
-    At most ``cfg.eval_iters`` batches of ``cfg.eval_batch or cfg.micro_batch`` per rank each."""
+    At most ``cfg.eval_iters`` global batches (``eval_iters * global_batch`` items, whatever the
+    number of ranks), read in batches of ``cfg.eval_batch or cfg.micro_batch`` per rank."""
     rank, world = _dist_info(model)
     device = _device_of(model)
     batch_size = cfg.eval_batch or cfg.micro_batch or max(1, cfg.global_batch // world)
+    iters = None if cfg.eval_iters is None else max(1, cfg.eval_iters * (cfg.global_batch // world) // batch_size)
     was_training = model.training
     model.eval()
     results = {}
@@ -257,7 +260,7 @@ def evaluate(task, model, datasets: dict, cfg: TrainConfig) -> dict[str, dict[st
         with torch.no_grad(), torch.random.fork_rng(devices=fork_devices):
             for name, dataset in datasets.items():
                 keys, total, last, n_batches = None, None, None, 0
-                batches = _make_loader(task, dataset, batch_size, rank, world, 0, cfg.eval_iters, False, cfg, device)
+                batches = _make_loader(task, dataset, batch_size, rank, world, 0, iters, False, cfg, device)
                 fsdp = world > 1 and getattr(model, "dslm_fsdp", False)
                 if fsdp:   # every forward is collective: agree on the number of batches first
                     batches = batches if hasattr(batches, "__len__") else list(batches)
