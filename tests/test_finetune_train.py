@@ -164,3 +164,24 @@ def test_cli_hf_hub_and_hf_model(tmp_path, monkeypatch, capsys):
     final = json.loads((tmp_path / "out" / "final_metrics.json").read_text())
     assert final["data"] == "hf" and "f1" in final["eval"]["dev"]
     assert list((tmp_path / "outputs" / "finetune_cache").glob("qqp-train-*.npz"))
+
+
+def test_demo_under_two_process_fsdp(tmp_path):
+    """torchrun, 2 CPU processes, FSDP2: training, evaluation and the predictions (from the gathered
+    final checkpoint) all run; the prediction file's accuracy is the reported one."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "fsdp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "dslm", "finetune", "--task", "demo", "--device", "cpu", "--no-progress", "--fsdp",
+                           "--steps", "10", "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache")],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = json.loads((out / "final_metrics.json").read_text())
+    rows = (out / "predictions_dev_matched.tsv").read_text().splitlines()[1:]
+    assert len(rows) == 150
+    accuracy = sum(int(r.split("\t")[-1]) for r in rows) / len(rows)
+    assert accuracy == pytest.approx(final["eval"]["dev_matched"]["acc"], abs=1e-6)

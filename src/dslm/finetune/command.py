@@ -223,6 +223,9 @@ def run(args) -> int:
     if args.eval_every is None:  # once per epoch
         args.eval_every = max(1, math.ceil(len(train_set) / args.global_batch))
     cfg = train_config_from_args(args)
+    if cfg.fsdp and not cfg.save_final:
+        raise UsageError("--fsdp with --no-save-final: the predictions are made from the final checkpoint "
+                         "(the sharded model is gone when training ends); drop --no-save-final")
     task = FinetuneTask(spec, config, factory, train_set, sets, args.max_len)
     try:
         result = train(task, cfg)
@@ -261,7 +264,7 @@ def _final_model(task, result):
     model = task.model
     if not getattr(model, "dslm_fsdp", False):
         return model
-    import torch  # pragma: no cover - FSDP needs several GPUs
+    import torch
     from safetensors.torch import load_file
 
     from dslm.finetune.heads import MultipleChoice, SequenceClassifier
