@@ -314,3 +314,10 @@ def test_eval_iters_count_global_batches_whatever_the_micro_batch(tmp_path):
     for micro in (8, 4):
         result = evaluate(task, model, task.eval_datasets(), cfg(tmp_path, micro_batch=micro, eval_iters=2))
         assert result["valid"]["items"] == 16
+
+
+def test_resuming_an_older_checkpoint_next_to_a_newer_one_is_refused(tmp_path, capsys):
+    train(SequentialToyTask(), cfg(tmp_path, steps=4, save_every=2, keep_last=3))
+    older = ckpt_io.step_dirs(tmp_path / "checkpoints")[0]
+    with pytest.raises(UsageError, match="already holds a later checkpoint .step_00000004"):
+        train(SequentialToyTask(), cfg(tmp_path, steps=4, save_every=2, load=str(older)))

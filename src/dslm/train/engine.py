@@ -451,6 +451,10 @@ def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
         start, rng, counters = int(saved["step"]), trainer.get("rng"), trainer.get("counters", {})
         if start > total:
             raise UsageError(f"--load {path}: checkpoint is at step {start}, past --steps {total}")
+        newer = [p for p in ckpt_io.step_dirs(ckpt_root) if int(p.name[5:]) > start]
+        if newer:   # continuing an older timeline here would let keep-last prune the new one instead
+            raise UsageError(f"--load {path}: {ckpt_root} already holds a later checkpoint ({newer[-1].name}); "
+                             f"load that one, or write this run to another --out-dir")
 
     log = RunLogger(out_dir, env.is_main, total, start, progress=cfg.progress)
     if env.is_main:
