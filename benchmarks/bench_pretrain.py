@@ -6,6 +6,9 @@
     python benchmarks/bench_pretrain.py learning --suite deep --parallel --time-limit S --out DIR
                                         # 96-layer Post-LN, dslm vs megatron vs xavier at two lrs, all at once
     python benchmarks/bench_pretrain.py plot --suite deep --out DIR
+    python benchmarks/bench_pretrain.py learning --suite deep-long --parallel --gpus 1 2 3 --time-limit S --out DIR
+                                        # the same with CUDA graphs, 4,000 planned steps, lr 1e-3 and 3e-3
+    python benchmarks/bench_pretrain.py profile --sizes bert-base --variants ours-compiled --out DIR
 
 Throughput: one optimizer step = forward + backward + global-norm clip (1.0) + fused AdamW, bf16
 autocast with fp32 master weights, dropout 0.1, the same random batch (token ids uniform over the
@@ -31,7 +34,9 @@ from pathlib import Path
 import torch
 
 from dslm.model import BertConfig, BertForPreTraining
+from dslm.train.graphs import GraphedStep
 from dslm.train.optim import build_optimizer, clip_grad_norm, skip_if_nonfinite
+from dslm.train.precision import autocast
 from dslm.train.pretrain import PretrainingObjective, bert_flops_per_token
 
 SIZES = {
@@ -39,6 +44,19 @@ SIZES = {
     "deep-narrow": dict(num_layers=96, hidden_size=256, num_heads=4, seq_len=256, batch=32),
 }
 PEAK = 989e12
+VARIANTS = ("hf", "ours", "ours-compiled", "ours-graphs", "ours-compiled-graphs")
+
+
+def sdpa_backend(name):
+    """A context forcing one SDPA backend (``default``: PyTorch's own choice)."""
+    import contextlib
+
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                        "efficient": SDPBackend.EFFICIENT_ATTENTION}[name])
 
 
 def make_batch(b, length, vocab, device, seed=0):
@@ -74,7 +92,9 @@ def time_steps(step, warmup, steps):
     return start.elapsed_time(end) / 1000 / steps
 
 
-def bench_ours(config, batch, compile_, warmup, steps):
+def ours_step(config, batch, compile_, graphs):
+    """The engine's step (micro-step closure + optimizer-step closure), eager or as CUDA graphs
+    (:class:`dslm.train.graphs.GraphedStep`, which also runs its first steps eagerly)."""
     model = PretrainingObjective(BertForPreTraining(config).cuda(), round(0.15 * batch["input_ids"].shape[1]))
     if compile_:
         for layer in model.bert.layers:
@@ -82,15 +102,36 @@ def bench_ours(config, batch, compile_, warmup, steps):
         model.head_loss = torch.compile(model._head_loss)
     opt = build_optimizer(model, 1e-4, 0.01)
     params = [p for p in model.parameters()]
+    device = torch.device("cuda")
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = model(**batch)
+    def micro(b):
+        with autocast(device, "bf16"):
+            loss, _ = model(**b)
         loss.backward()
+
+    def optimizer_step():
         norm = clip_grad_norm(params, 1.0)
-        skip_if_nonfinite(opt, norm)
+        found = skip_if_nonfinite(opt, norm)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not graphs)
+        opt.found_inf = None
+        return found
+
+    if graphs:
+        graphed = GraphedStep(opt, micro, optimizer_step)
+
+        def step():
+            graphed.micro_step(batch)
+            graphed.optimizer_step()
+    else:
+        def step():
+            micro(batch)
+            optimizer_step()
+    return model, step
+
+
+def bench_ours(config, batch, compile_, graphs, warmup, steps):
+    model, step = ours_step(config, batch, compile_, graphs)
     return time_steps(step, warmup, steps), loss_of(model, batch)
 
 
@@ -130,7 +171,7 @@ def throughput(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sizes": {}}
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sdpa": args.sdpa, "sizes": {}}
     for name in args.sizes:
         s = SIZES[name]
         config = BertConfig(vocab_size=30522, hidden_size=s["hidden_size"], num_layers=s["num_layers"],
@@ -148,7 +189,9 @@ def throughput(args):
                 if variant == "hf":
                     sec, _ = bench_hf(config, batch, args.warmup, args.steps)
                 else:
-                    sec, _ = bench_ours(config, batch, variant == "ours-compiled", args.warmup, args.steps)
+                    with sdpa_backend(args.sdpa):
+                        sec, _ = bench_ours(config, batch, "compiled" in variant, "graphs" in variant,
+                                            args.warmup, args.steps)
             except Exception as e:  # noqa: BLE001 - record and go on with the other variants
                 row[variant] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 print(name, variant, "FAILED", row[variant], flush=True)
@@ -167,6 +210,35 @@ def throughput(args):
     return 0
 
 
+def profile(args):
+    """Top GPU kernels of a few steps of our model (per size and variant), for finding the next
+    bottleneck; tables go to OUT/profile_<size>_<variant>.txt."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.sizes:
+        s = SIZES[name]
+        config = BertConfig(vocab_size=30522, hidden_size=s["hidden_size"], num_layers=s["num_layers"],
+                            num_heads=s["num_heads"], max_position_embeddings=512, ln="post", activation="relu")
+        batch = make_batch(s["batch"], s["seq_len"], config.vocab_size, "cuda")
+        for variant in [v for v in args.variants if v != "hf"]:
+            with sdpa_backend(args.sdpa):
+                _, step = ours_step(config, batch, "compiled" in variant, "graphs" in variant)
+                for _ in range(args.warmup):
+                    step()
+                torch.cuda.synchronize()
+                with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        step()
+                    torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+            (out / f"profile_{name}_{variant}.txt").write_text(table + "\n")
+            print(f"== {name} {variant}\n{table}", flush=True)
+    return 0
+
+
 LEARNING_RUNS = {
     # name: (model flags, train flags)
     "small_bert": dict(layers=4, hidden=256, heads=4, seq_len=128, init="megatron", ln="post",
@@ -181,27 +253,33 @@ LEARNING_RUNS = {
 
 
 # The deep comparison: 96-layer Post-LN, d 256, the same lr, warmup and data order for every init
-# scheme; two learning rates. Every run is its own process so that `--parallel` can share one GPU
-# (a 96-layer d 256 model is bound by kernel launches, so the GPU has room for several at once).
-DEEP_LRS = ("2e-3", "5e-3")
+# scheme. Every run is its own process so that `--parallel` can share GPUs (`--gpus` spreads them).
+# "deep": the first attempt (eager engine, 600 planned steps, cut at ~350 by its time limit);
+# "deep-long": CUDA graphs (several times the steps per second) and a 4,000-step schedule.
 DEEP_INITS = ("dslm", "megatron", "xavier")
-LEARNING_DEEP = {
-    f"deep96_{init}_lr{lr}": dict(layers=96, hidden=256, heads=4, seq_len=128, init=init, ln="post",
-                                  steps=600, global_batch=64, lr=float(lr), warmup=0.02)
-    for lr in DEEP_LRS for init in DEEP_INITS
-}
-SUITES = {"basic": LEARNING_RUNS, "deep": LEARNING_DEEP}
+
+
+def deep_suite(lrs, steps, **extra):
+    return {f"deep96_{init}_lr{lr}": dict(layers=96, hidden=256, heads=4, seq_len=128, init=init, ln="post",
+                                          steps=steps, global_batch=64, lr=float(lr), warmup=0.02, **extra)
+            for lr in lrs for init in DEEP_INITS}
+
+
+LEARNING_DEEP = deep_suite(("2e-3", "5e-3"), 600)
+LEARNING_DEEP_LONG = deep_suite(("1e-3", "3e-3"), 4000, cuda_graphs=True)
+SUITES = {"basic": LEARNING_RUNS, "deep": LEARNING_DEEP, "deep-long": LEARNING_DEEP_LONG}
 
 
 def learning_argv(name, r, out, args):
-    eval_every = r["steps"] // (6 if args.suite == "deep" else 4)
+    eval_every = r["steps"] // (6 if args.suite.startswith("deep") else 4)
     argv = ["pretrain", "--out-dir", str(out / name), "--eval-every", str(eval_every), "--eval-iters", "10",
             "--save-every", "0", "--no-save-final", "--log-every", "10", "--no-progress", "--max-bad-steps", "1000000",
             "--precision", args.precision, "--device", args.device]
     if args.num_workers is not None:
         argv += ["--num-workers", str(args.num_workers)]
     for k, v in r.items():
-        argv += [f"--{k.replace('_', '-')}", str(v)]
+        flag = f"--{k.replace('_', '-')}"
+        argv += ([flag] if v else []) if isinstance(v, bool) else [flag, str(v)]
     if args.quick:
         argv += ["--steps", "6", "--eval-every", "3", "--eval-iters", "1", "--layers", "2", "--hidden", "64",
                  "--heads", "2", "--seq-len", "64", "--global-batch", "4"]
@@ -230,11 +308,14 @@ def learning(args):
     out.mkdir(parents=True, exist_ok=True)
     procs = {}
     t0 = time.time()
-    for name in names:
+    for i, name in enumerate(names):
         (out / name).mkdir(parents=True, exist_ok=True)
         log = (out / name / "stdout.log").open("w")
         cmd = [sys.executable, "-m", "dslm", *learning_argv(name, runs[name], out, args)]
-        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = dict(os.environ)
+        if args.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = args.gpus[i % len(args.gpus)]
+        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     status = {}
     while procs:
         time.sleep(1.0)
@@ -255,7 +336,7 @@ def learning(args):
 
 
 def plot(args):
-    if args.suite == "deep":
+    if args.suite.startswith("deep"):
         return plot_deep(args)
     from dslm.plotting import plt, save
     from dslm.train.logging import read_metrics
@@ -307,9 +388,10 @@ def plot_deep(args):
 
     out = Path(args.out)
     plateau = unigram_plateau(args.data)
-    fig, axes = plt.subplots(2, len(DEEP_LRS), figsize=(6.5 * len(DEEP_LRS), 8), squeeze=False)
+    lrs = sorted({name.split("_lr")[1] for name in SUITES[args.suite]}, key=float)
+    fig, axes = plt.subplots(2, len(lrs), figsize=(6.5 * len(lrs), 8), squeeze=False)
     colors = {"dslm": "tab:blue", "megatron": "tab:orange", "xavier": "tab:green"}
-    for j, lr in enumerate(DEEP_LRS):
+    for j, lr in enumerate(lrs):
         for init in DEEP_INITS:
             name = f"deep96_{init}_lr{lr}"
             if not (out / name / "metrics.jsonl").is_file():
@@ -337,27 +419,31 @@ def plot_deep(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("throughput", "learning", "plot"))
+    p.add_argument("mode", choices=("throughput", "profile", "learning", "plot"))
     p.add_argument("--out", default="outputs/bench_pretrain")
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    p.add_argument("--variants", nargs="+", default=["hf", "ours", "ours-compiled"],
-                   choices=["hf", "ours", "ours-compiled"])
+    p.add_argument("--variants", nargs="+", default=["hf", "ours", "ours-compiled", "ours-graphs"],
+                   choices=list(VARIANTS))
+    p.add_argument("--sdpa", choices=("default", "cudnn", "flash", "efficient"), default="default",
+                   help="throughput: force an SDPA backend for our model (HF keeps its default)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--suite", choices=list(SUITES), default="basic",
-                   help="learning/plot: the small-BERT + first deep runs, or the deep96 lr comparison")
-    p.add_argument("--runs", nargs="+", default=None, choices=[*LEARNING_RUNS, *LEARNING_DEEP],
+                   help="learning/plot: the small-BERT + first deep runs, or a deep96 lr comparison")
+    p.add_argument("--runs", nargs="+", default=None, choices=sorted({n for suite in SUITES.values() for n in suite}),
                    help="learning: a subset of the suite's runs (default: all)")
     p.add_argument("--parallel", action="store_true", help="learning: start every run at once, one process each")
     p.add_argument("--time-limit", type=float, default=None,
                    help="learning --parallel: kill the runs still going after this many seconds")
     p.add_argument("--num-workers", type=int, default=None, help="learning: data-loader processes per run")
+    p.add_argument("--gpus", nargs="+", default=None,
+                   help="learning --parallel: CUDA device ids to spread the runs over (round robin)")
     p.add_argument("--data", default="outputs/data/embedded", help="plot --suite deep: dataset for the unigram line")
     p.add_argument("--precision", default="bf16")
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="learning: a seconds-long CPU smoke run")
     args = p.parse_args(argv)
-    return {"throughput": throughput, "learning": learning, "plot": plot}[args.mode](args)
+    return {"throughput": throughput, "profile": profile, "learning": learning, "plot": plot}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from dslm.train import checkpoint as ckpt_io
 from dslm.train import distributed as D
 from dslm.train.loader import default_loader
 from dslm.train.logging import RunLogger
+from dslm.train.graphs import GraphedStep
 from dslm.train.optim import build_optimizer, clip_grad_norm, skip_if_nonfinite
 from dslm.train.precision import PRECISIONS, autocast
 from dslm.train.schedule import build_scheduler, warmup_steps
@@ -65,6 +66,7 @@ class TrainConfig:
     clip: float = 1.0                   # global gradient norm; <= 0 disables
     precision: str = "bf16"             # "bf16" | "fp32"
     compile: bool = False
+    cuda_graphs: bool = False           # capture the micro-step and the optimizer step as CUDA graphs
     eval_every: int = 4000              # steps; 0 = only at the end
     eval_iters: int | None = 50         # global batches per eval dataset (as in Megatron); None = all
     save_every: int = 50000             # steps; 0 = only at the end
@@ -100,6 +102,8 @@ _HELP = {
     "clip": "global gradient-norm clipping (<= 0: off)",
     "precision": "bf16 autocast with fp32 master weights, or fp32",
     "compile": "torch.compile the transformer blocks and the loss",
+    "cuda_graphs": "after 3 eager steps, replay each micro-step and optimizer step as a CUDA graph (one GPU, "
+                   "fixed batch shapes): removes the launch overhead that bounds deep narrow models",
     "eval_every": "evaluate every N steps (0: only at the end)",
     "eval_iters": "global batches per evaluation set, the same samples for any number of ranks or micro-batch "
                   "size ('all' for a full pass)",
@@ -140,7 +144,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict | None =
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default, help_text = base[f.name], _HELP[f.name]
-        if f.name in ("compile", "fsdp", "progress", "save_final"):
+        if f.name in ("compile", "cuda_graphs", "fsdp", "progress", "save_final"):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif f.name == "precision":
             group.add_argument(flag, choices=PRECISIONS, default=default, help=help_text)
@@ -418,6 +422,9 @@ def _seed(seed: int) -> None:
 def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
     device, world = env.device, env.world_size
     micro, accum = _accumulation(cfg, world)
+    if cfg.cuda_graphs and (device.type != "cuda" or world > 1 or cfg.fsdp):
+        raise UsageError("--cuda-graphs needs one process on a CUDA device (no --fsdp, no torchrun ranks); "
+                         f"this run has {world} x {device.type}{' with --fsdp' if cfg.fsdp else ''}")
     out_dir = Path(cfg.out_dir)
     ckpt_root = out_dir / "checkpoints"
 
@@ -461,7 +468,7 @@ def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
         n_params = sum(p.numel() for p in inner.parameters())
         log.print(f"{task.name}: {n_params / 1e6:.2f}M parameters, {world} x {device.type}, steps {start}->{total}, "
                   f"global batch {cfg.global_batch} = {micro} x {accum} accumulation x {world} ranks, "
-                  f"{cfg.precision}{', compiled' if cfg.compile else ''}"
+                  f"{cfg.precision}{', compiled' if cfg.compile else ''}{', CUDA graphs' if cfg.cuda_graphs else ''}"
                   + (f", resumed from {cfg.load}" if cfg.load else ""))
 
 
@@ -501,6 +508,47 @@ def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
             last_ckpt = path
             log.print(f"step {step}: checkpoint {path}")
 
+    step_acc = None   # this step's metric sums over its micro-steps (device)
+
+    def micro_step(batch, last: bool = True) -> None:
+        """Forward + backward of one micro-batch; its metric sums are added to ``step_acc``."""
+        nonlocal keys, interval, step_acc
+        sync = contextlib.nullcontext()
+        if world > 1 and not last:
+            if hasattr(model, "no_sync"):
+                sync = model.no_sync()
+            elif hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(False)
+        if world > 1 and last and hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(True)
+        with sync:
+            with autocast(device, cfg.precision):
+                loss, metrics = task.loss_and_metrics(model, batch)
+            (loss / accum).backward()
+        if keys is None:
+            keys = sorted(metrics)
+            interval = torch.zeros(len(keys) + len(engine_keys), device=device, dtype=torch.float64)
+            step_acc = torch.zeros(len(keys) + 1, device=device, dtype=torch.float32)
+        step_acc.add_(torch.cat([_stack(metrics, keys, device), loss.detach().float().reshape(1)]))
+
+    def optimizer_step() -> torch.Tensor:
+        """Clip, skip if non-finite, AdamW, zero the gradients; add the step to the interval sums.
+        Returns the 0-dim non-finite flag (1 = skipped) on the device."""
+        grad_norm = clip_grad_norm(params, cfg.clip)
+        found = skip_if_nonfinite(optimizer, grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=not cfg.cuda_graphs)   # graphs: persistent buffers, zeroed in place
+        optimizer.found_inf = None
+        good = 1.0 - found
+        gn = torch.where(found > 0, torch.zeros_like(grad_norm), grad_norm.float())
+        # a skipped step's sums are dropped (where, not * 0: a NaN loss times 0 is still NaN)
+        kept = torch.where(found > 0, torch.zeros_like(step_acc), step_acc).double()
+        interval.add_(torch.cat([kept, torch.stack([good * accum, gn, good, torch.ones_like(good)]).double()]))
+        step_acc.zero_()
+        return found
+
+    graphed = GraphedStep(optimizer, micro_step, optimizer_step) if cfg.cuda_graphs else None
+
     model.train()
     # signal handlers first: loader workers forked below inherit them, so a SIGTERM sent to the whole
     # process group leaves them running until the main process has written its checkpoint
@@ -514,7 +562,6 @@ def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
             _seed(cfg.seed * 1009 + 17 + env.rank)
         step = start
         while step < total:
-            step_vec = None
             for a in range(accum):
                 try:
                     batch = next(batches)
@@ -524,36 +571,12 @@ def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
                     ids = batch.get("input_ids")
                     per_item = getattr(task, "tokens_per_item", None) or (ids.shape[-1] if ids is not None else 1)
                     tokens_per_step = cfg.global_batch * per_item
-                batch = _to_device(batch, device)
-                last = a == accum - 1
-                sync = contextlib.nullcontext()
-                if world > 1 and not last:
-                    if hasattr(model, "no_sync"):
-                        sync = model.no_sync()
-                    elif hasattr(model, "set_requires_gradient_sync"):
-                        model.set_requires_gradient_sync(False)
-                if world > 1 and last and hasattr(model, "set_requires_gradient_sync"):
-                    model.set_requires_gradient_sync(True)
-                with sync:
-                    with autocast(device, cfg.precision):
-                        loss, metrics = task.loss_and_metrics(model, batch)
-                    (loss / accum).backward()
-                if keys is None:
-                    keys = sorted(metrics)
-                    interval = torch.zeros(len(keys) + len(engine_keys), device=device, dtype=torch.float64)
-                vec = torch.cat([_stack(metrics, keys, device), loss.detach().float().reshape(1)])
-                step_vec = vec if step_vec is None else step_vec + vec
-            grad_norm = clip_grad_norm(params, cfg.clip)
-            found = skip_if_nonfinite(optimizer, grad_norm)
-            optimizer.step()
+                if graphed is not None:
+                    graphed.micro_step(batch)
+                else:
+                    micro_step(_to_device(batch, device), last=a == accum - 1)
+            found = graphed.optimizer_step() if graphed is not None else optimizer_step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            optimizer.found_inf = None
-            good = 1.0 - found
-            gn = torch.where(found > 0, torch.zeros_like(grad_norm), grad_norm.float())
-            # a skipped step's sums are dropped (where, not * 0: a NaN loss times 0 is still NaN)
-            kept = torch.where(found > 0, torch.zeros_like(step_vec), step_vec).double()
-            interval += torch.cat([kept, torch.stack([good * accum, gn, good, torch.ones_like(good)]).double()])
             step += 1
             interval_tokens += tokens_per_step
             log.advance()

@@ -16,4 +16,6 @@ def autocast(device: torch.device, precision: str):
         raise ValueError(f"precision must be one of {'|'.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    # inside a CUDA-graph capture the cast-weight cache would hold tensors of the capture's pool
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=not capturing)
