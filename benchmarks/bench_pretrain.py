@@ -44,7 +44,7 @@ SIZES = {
     "deep-narrow": dict(num_layers=96, hidden_size=256, num_heads=4, seq_len=256, batch=32),
 }
 PEAK = 989e12
-VARIANTS = ("hf", "ours", "ours-compiled", "ours-graphs", "ours-compiled-graphs")
+VARIANTS = ("hf", "ours", "ours-compiled", "ours-graphs", "ours-compiled-graphs", "ours-compiled-ro")
 
 
 def sdpa_backend(name):
@@ -92,14 +92,21 @@ def time_steps(step, warmup, steps):
     return start.elapsed_time(end) / 1000 / steps
 
 
-def ours_step(config, batch, compile_, graphs):
+def ours_step(config, batch, variant):
     """The engine's step (micro-step closure + optimizer-step closure), eager or as CUDA graphs
-    (:class:`dslm.train.graphs.GraphedStep`, which also runs its first steps eagerly)."""
+    (:class:`dslm.train.graphs.GraphedStep`, which also runs its first steps eagerly); ``-ro``:
+    torch.compile's own CUDA graphs (mode="reduce-overhead") per layer."""
+    graphs = "graphs" in variant
     model = PretrainingObjective(BertForPreTraining(config).cuda(), round(0.15 * batch["input_ids"].shape[1]))
-    if compile_:
+    if "compiled" in variant:
+        if graphs:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.fallback_random = True   # aten RNG ops: graph-safe Philox offsets
+        mode = "reduce-overhead" if variant.endswith("-ro") else None
         for layer in model.bert.layers:
-            layer.compile()
-        model.head_loss = torch.compile(model._head_loss)
+            layer.compile(mode=mode)
+        model.head_loss = torch.compile(model._head_loss, mode=mode)
     opt = build_optimizer(model, 1e-4, 0.01)
     params = [p for p in model.parameters()]
     device = torch.device("cuda")
@@ -130,8 +137,8 @@ def ours_step(config, batch, compile_, graphs):
     return model, step
 
 
-def bench_ours(config, batch, compile_, graphs, warmup, steps):
-    model, step = ours_step(config, batch, compile_, graphs)
+def bench_ours(config, batch, variant, warmup, steps):
+    model, step = ours_step(config, batch, variant)
     return time_steps(step, warmup, steps), loss_of(model, batch)
 
 
@@ -171,7 +178,12 @@ def throughput(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sdpa": args.sdpa, "sizes": {}}
+    # several invocations (e.g. one process per variant, so that one failure cannot poison the CUDA
+    # state of the next) add their rows to the same file
+    path = out / "throughput.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results.update(device=torch.cuda.get_device_name(), torch=torch.__version__)
+    results.setdefault("sizes", {})
     for name in args.sizes:
         s = SIZES[name]
         config = BertConfig(vocab_size=30522, hidden_size=s["hidden_size"], num_layers=s["num_layers"],
@@ -180,7 +192,7 @@ def throughput(args):
         tokens = s["batch"] * s["seq_len"]
         flops = bert_flops_per_token(config, s["seq_len"], 0.15)
         flops_full = bert_flops_per_token(config, s["seq_len"], 1.0)
-        row = {"config": s, "flops_per_token": flops, "batch_tokens": tokens}
+        row = results["sizes"].get(name) or {"config": s, "flops_per_token": flops, "batch_tokens": tokens}
         for variant in args.variants:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -190,8 +202,7 @@ def throughput(args):
                     sec, _ = bench_hf(config, batch, args.warmup, args.steps)
                 else:
                     with sdpa_backend(args.sdpa):
-                        sec, _ = bench_ours(config, batch, "compiled" in variant, "graphs" in variant,
-                                            args.warmup, args.steps)
+                        sec, _ = bench_ours(config, batch, variant, args.warmup, args.steps)
             except Exception as e:  # noqa: BLE001 - record and go on with the other variants
                 row[variant] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 print(name, variant, "FAILED", row[variant], flush=True)
@@ -199,14 +210,16 @@ def throughput(args):
             tps = tokens / sec
             row[variant] = {"step_ms": sec * 1e3, "tokens_per_s": tps, "mfu": tps * flops / PEAK,
                             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-                            "wall_s_incl_warmup": time.time() - t0}
+                            "wall_s_incl_warmup": time.time() - t0, "sdpa": args.sdpa}
             if variant == "hf":
                 row[variant]["hf_mfu_full_head"] = tps * flops_full / PEAK
             print(name, variant, json.dumps(row[variant]), flush=True)
-            if "hf" in row and "tokens_per_s" in row.get("hf", {}) and "tokens_per_s" in row[variant]:
-                row[variant]["speedup_vs_hf"] = row[variant]["tokens_per_s"] / row["hf"]["tokens_per_s"]
+            hf = row.get("hf", {}).get("tokens_per_s")
+            for v in VARIANTS:
+                if hf and "tokens_per_s" in row.get(v, {}):
+                    row[v]["speedup_vs_hf"] = row[v]["tokens_per_s"] / hf
             results["sizes"][name] = row
-            (out / "throughput.json").write_text(json.dumps(results, indent=2) + "\n")
+            path.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
@@ -225,7 +238,7 @@ def profile(args):
         batch = make_batch(s["batch"], s["seq_len"], config.vocab_size, "cuda")
         for variant in [v for v in args.variants if v != "hf"]:
             with sdpa_backend(args.sdpa):
-                _, step = ours_step(config, batch, "compiled" in variant, "graphs" in variant)
+                _, step = ours_step(config, batch, variant)
                 for _ in range(args.warmup):
                     step()
                 torch.cuda.synchronize()
@@ -259,15 +272,23 @@ LEARNING_RUNS = {
 DEEP_INITS = ("dslm", "megatron", "xavier")
 
 
-def deep_suite(lrs, steps, **extra):
-    return {f"deep96_{init}_lr{lr}": dict(layers=96, hidden=256, heads=4, seq_len=128, init=init, ln="post",
-                                          steps=steps, global_batch=64, lr=float(lr), warmup=0.02, **extra)
-            for lr in lrs for init in DEEP_INITS}
+def deep_suite(lrs, steps, tag="", **overrides):
+    suite = {}
+    for lr in lrs:
+        for init in DEEP_INITS:
+            run = dict(layers=96, hidden=256, heads=4, seq_len=128, init=init, ln="post", steps=steps,
+                       global_batch=64, lr=float(lr), warmup=0.02)
+            run.update(overrides)
+            suite[f"deep96{tag}_{init}_lr{lr}"] = run
+    return suite
 
 
 LEARNING_DEEP = deep_suite(("2e-3", "5e-3"), 600)
 LEARNING_DEEP_LONG = deep_suite(("1e-3", "3e-3"), 4000, cuda_graphs=True)
-SUITES = {"basic": LEARNING_RUNS, "deep": LEARNING_DEEP, "deep-long": LEARNING_DEEP_LONG}
+# the stress test: no warmup and no clipping, where Post-LN baselines are known to blow up
+LEARNING_DEEP_STRESS = deep_suite(("1e-3", "3e-3", "1e-2"), 600, tag="stress", cuda_graphs=True, warmup=0, clip=0)
+SUITES = {"basic": LEARNING_RUNS, "deep": LEARNING_DEEP, "deep-long": LEARNING_DEEP_LONG,
+          "deep-stress": LEARNING_DEEP_STRESS}
 
 
 def learning_argv(name, r, out, args):
@@ -388,12 +409,13 @@ def plot_deep(args):
 
     out = Path(args.out)
     plateau = unigram_plateau(args.data)
-    lrs = sorted({name.split("_lr")[1] for name in SUITES[args.suite]}, key=float)
+    suite = SUITES[args.suite]
+    lrs = sorted({name.split("_lr")[1] for name in suite}, key=float)
     fig, axes = plt.subplots(2, len(lrs), figsize=(6.5 * len(lrs), 8), squeeze=False)
     colors = {"dslm": "tab:blue", "megatron": "tab:orange", "xavier": "tab:green"}
     for j, lr in enumerate(lrs):
         for init in DEEP_INITS:
-            name = f"deep96_{init}_lr{lr}"
+            name = next(n for n in suite if n.endswith(f"_{init}_lr{lr}"))
             if not (out / name / "metrics.jsonl").is_file():
                 continue
             rows = read_metrics(out / name, "train")

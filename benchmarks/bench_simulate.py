@@ -79,13 +79,34 @@ def _torch_cov_offdiag(y, var_dim):
     return torch.tensor([cov.mean().item() * V / (V - 1)], device=y.device)
 
 
+def _reference_linear(P, S, device, dtype):
+    """The reference's linear simulation: x sampled token by token (MVN), y = x W, gx by autograd."""
+    C, R, L, din, dout = len(P["mu"]), S["samples"], S["L"], S["d_in"], S["d_out"]
+    x = comps.equicorrelated((C, R, L, din), P["mu"], P["s"], P["r"], device=device, dtype=dtype)
+    W = comps.scaled_normal((C, R, din, dout), P["s_w"] / np.sqrt(din), device=device, dtype=dtype)
+    y, gx = comps._vjp(lambda t: torch.matmul(t, W), x, (C, R, L, dout), P, device)
+    return comps._measure(y, gx)
+
+
+def reference_components():
+    """The components with the reference's sampling: linear as above, sha on its direct path (x
+    sampled and gx formed), the others unchanged (their samplers are patched below)."""
+    import dataclasses
+    import functools
+
+    out = dict(comps.COMPONENTS)
+    out["linear"] = dataclasses.replace(out["linear"], simulate=_reference_linear)
+    out["sha"] = dataclasses.replace(out["sha"], simulate=functools.partial(comps._sim_sha, projected=False))
+    return out
+
+
 def reference_style(device, n_per_component, seed):
     rng = random.Random(seed)
     fast = (comps.equicorrelated, comps.offdiag_cov)
     comps.equicorrelated, comps.offdiag_cov = _mvn_equicorrelated, _torch_cov_offdiag
     out = {}
     try:
-        for name, comp in comps.COMPONENTS.items():
+        for name, comp in reference_components().items():
             grid = resolve_grid(comp, "paper")
             import itertools
             configs = list(itertools.product(*grid.values()))

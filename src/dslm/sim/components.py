@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -19,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from dslm import theory
-from dslm.sim.estimators import (equicorrelated, mean_var, offdiag_cov, scaled_normal,
-                                 token_moments)
+from dslm.sim.estimators import (acc_dtype, device_columns, equicorrelated, mean_var,
+                                 moments_from_sums, offdiag_cov, per_config, rotated_equicorrelated,
+                                 rotated_moments, scaled_normal, sum_squares, token_moments)
 
 THIRDS = [0.0, 1 / 3, 2 / 3]
 FIFTHS = [0.0, 0.2, 0.4, 0.6, 0.8]
@@ -110,11 +112,28 @@ STANDARD_ROWS = (
 
 
 def _sim_linear(P, S, device, dtype):
+    """y = x W, gx = G W^T per sample, measured on the token-rotated tensors (exact, see
+    :func:`rotated_equicorrelated` and :func:`rotated_moments`): with H orthogonal, first row
+    1^T/sqrt(L), H y = (H x) W and H gx = (H G) W^T, and H x, H G are sampled directly as unit
+    normals plus a first-row offset. W = sigma_w V with V unit normals; the scales a sigma_w and
+    a_g sigma_w are applied to the fp64 sums, never to a bf16 tensor. Per element of the L-sized
+    tensors: one write, one matmul read, and two row reductions of the product."""
     C, R, L, din, dout = len(P["mu"]), S["samples"], S["L"], S["d_in"], S["d_out"]
-    x = equicorrelated((C, R, L, din), P["mu"], P["s"], P["r"], device=device, dtype=dtype)
-    W = scaled_normal((C, R, din, dout), P["s_w"] / math.sqrt(din), device=device, dtype=dtype)
-    y, gx = _vjp(lambda t: torch.matmul(t, W), x, (C, R, L, dout), P, device)
-    return _measure(y, gx)
+    sigma_w = device_columns([P["s_w"] / math.sqrt(din)], device, torch.float64)[0]
+    X, a = rotated_equicorrelated((C, R, L, din), P["mu"], P["s"], P["r"], device, dtype)
+    V = torch.empty((C, R, din, dout), device=device, dtype=dtype).normal_()
+    mean, var, cov = rotated_moments(torch.matmul(X, V), L, a * sigma_w)
+    del X
+    G, a_g = rotated_equicorrelated((C, R, L, dout), np.zeros_like(P["g"]), P["g"], P["r_g"], device, dtype)
+    _, gvar, gcov = rotated_moments(torch.matmul(G, V.transpose(-1, -2)), L, a_g * sigma_w)
+    return {"mean": mean, "var": var, "cov": cov, "grad_var": gvar, "grad_cov": gcov}
+
+
+def _linear_floats(S):
+    """X, V and X V (then G, V and G V^T) with their offset rows, and the fp32 offsets and row
+    sums (measured on the CPU: within 1 % of the peak)."""
+    R, L, din, dout = S["samples"], S["L"], S["d_in"], S["d_out"]
+    return R * (din * dout + (L + 16) * (din + dout))
 
 
 def _pred_linear(A):
@@ -133,7 +152,7 @@ LINEAR = Component(
     simulate=_sim_linear,
     predict=_pred_linear,
     rows=STANDARD_ROWS,
-    floats_per_config=lambda S: S["samples"] * (S["L"] * (5 * S["d_in"] + 5 * S["d_out"]) + S["d_in"] * S["d_out"]),
+    floats_per_config=_linear_floats,
     uses_matmul=True,
 )
 
@@ -293,22 +312,121 @@ SOFTMAX = Component(
 # ------------------------------------------------------------------------------ single-head attention
 
 
-def _sim_sha(P, S, device, dtype):
+def _sim_sha(P, S, device, dtype, projected: bool | None = None):
+    """QKV = x W with one W = [W_q | W_k | W_v] (d x 3 d_h) per config, y = SDPA(q, k, v) with
+    dropout, G on y; measures y and the input gradient gx = dQKV W^T. QKV is the autograd leaf, so
+    autograd stops at dQKV. ``projected`` (default: 3 d_h < d) picks :func:`_sha_projected`, which
+    never forms the L x d tensors, over :func:`_sha_direct`; both give the same random variable."""
     C, R, L, d, dh, p = len(P["s"]), S["samples"], S["L"], S["d"], S["d_h"], S["p"]
+    if projected is None:
+        projected = 3 * dh < d
+    # W: columns N(0, s_q^2/d) for Q and K (s_k = s_q), N(0, s_v^2/d) for V, in fp32
+    col_std = device_columns([P["s_q"] / math.sqrt(d), P["s_q"] / math.sqrt(d), P["s_v"] / math.sqrt(d)],
+                             device).T.reshape(C, 1, 3, 1)
+    W = torch.empty((C, d, 3, dh), device=device).normal_().mul_(col_std).reshape(C, d, 3 * dh)
+    qkv, grad_moments = (_sha_projected if projected else _sha_direct)(P, W, R, L, device, dtype)
+    qkv.requires_grad_(True)
+    q, k, v = qkv.view(C, R, L, 3, dh).unbind(dim=3)
+    y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    G = _upstream_gradient((C, R, L, dh), P, device, y.dtype)
+    (dqkv,) = torch.autograd.grad(y, qkv, G)
+    mean, var, cov = token_moments(y.detach())
+    _, gvar, gcov = grad_moments(dqkv)
+    return {"mean": mean, "var": var, "cov": cov, "grad_var": gvar, "grad_cov": gcov}
+
+
+def _sha_direct(P, W, R, L, device, dtype):
+    """QKV = x W with x equicorrelated (L x d per sample) and W rounded once to ``dtype``; the
+    input-gradient moments come from gx = dQKV W^T formed explicitly. On this path (3 d_h >= d)
+    x and gx are no wider than QKV and dQKV, so the shared cross-token part is added to x (the
+    narrower tensor) and forming gx costs less than the k x k Gram products of
+    :func:`_projected_grad_moments`. Returns (QKV, grad_moments)."""
+    C, d, k = W.shape
+    Wq = W.to(dtype)
     x = equicorrelated((C, R, L, d), P["mu"], P["s"], P["r"], device=device, dtype=dtype)
-    W = torch.empty(C, d, 3, dh, device=device, dtype=dtype)
-    for c in range(C):                                   # Q, K (s_k = s_q) and V, scaled in fp32
-        for j, std in enumerate((P["s_q"][c], P["s_q"][c], P["s_v"][c])):
-            W[c, :, j].normal_(0.0, float(std) / math.sqrt(d))
-    W = W.reshape(C, d, 3 * dh)
+    qkv = torch.bmm(x.view(C, R * L, d), Wq).view(C, R, L, k)
 
-    def attention(t):
-        qkv = torch.bmm(t.reshape(C, R * L, d), W).reshape(C, R, L, 3, dh)
-        q, k, v = qkv.unbind(dim=3)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    def grad_moments(dqkv):
+        return token_moments(torch.bmm(dqkv.view(C, R * L, k), Wq.transpose(1, 2)).view(C, R, L, d))
 
-    y, gx = _vjp(attention, x, (C, R, L, dh), P, device)
-    return _measure(y, gx)
+    return qkv, grad_moments
+
+
+def _sha_projected(P, W, R, L, device, dtype):
+    """QKV and the input-gradient moments through the 3 d_h-dimensional column space of W
+    (d x 3 d_h, full column rank since d > 3 d_h); exact, with 3 d_h instead of d random numbers
+    per token and no L x d tensor. Returns (QKV, grad_moments).
+
+    Per sample x = a z + 1 u^T (a = s sqrt(1 - r), u = mu + s sqrt(r) xi, z unit normals), so
+    QKV = a z W + 1 (W^T u)^T. With W = Q Lc^T (:func:`_column_factor`), z Q has iid unit-normal
+    rows given W (z is independent of W and Q^T Q = I), so a z W =_d U (a Lc)^T with U unit
+    normals (R L x 3 d_h). The matmul uses Lq = a Lc rounded once per entry to ``dtype``, and every
+    other use of W goes through the same factor: the simulation runs exactly with
+    W~ = Q F^T, F = Lq / a (W~ = W up to that rounding, as the reference's W is rounded to bf16):
+
+        QKV = U Lq^T + 1 (W~^T u)^T     (W~^T u from :func:`_effective_wt`),
+
+    and the input-gradient moments come from :func:`_projected_grad_moments`.
+    """
+    C, d, k = W.shape
+    cols = device_columns([P["s"] * np.sqrt(1 - P["r"]), P["s"] * np.sqrt(P["r"]), P["mu"]], device,
+                          torch.float64)
+    a, b, m = (per_config(v, 3) for v in cols)
+    Wd = W.double()
+    Lc, Lq, Fe = _column_factor(Wd, a, dtype)
+    xi = torch.empty((C, R, d), device=device).normal_().double()
+    ones = torch.ones((C, d, 1), device=device, dtype=torch.float64)
+    Wtu = _effective_wt(Wd, Lc, Fe, torch.cat([(xi * b + m).transpose(1, 2), ones], dim=2))
+    U = torch.empty((C, R * L, k), device=device, dtype=dtype).normal_()
+    qkv = torch.bmm(U, Lq.transpose(1, 2)).view(C, R, L, k)
+    del U
+    qkv.add_(Wtu[:, :, :R].transpose(1, 2).unsqueeze(2).float())     # + 1 (W~^T u_r)^T, rounded once
+    return qkv, partial(_projected_grad_moments, Lq=Lq, a=a.view(C), w=Wtu[:, :, R:], d=d)
+
+
+def _column_factor(Wd, a, dtype):
+    """(Lc, Lq, F) for W (C, d, k) in fp64 of full column rank: Lc the Cholesky factor of
+    M = W^T W (so W = Q Lc^T with Q = W Lc^-T, Q^T Q = Lc^-1 M Lc^-T = I), Lq = a Lc rounded once
+    to ``dtype`` (``a`` (C, 1, 1)), F = Lq / a in fp64. The fp64 factorisation fails only for a
+    numerically rank-deficient W (probability ~0 for a Gaussian d x k with d > k), so no host sync
+    checks it."""
+    Lc, _ = torch.linalg.cholesky_ex(Wd.transpose(1, 2) @ Wd)
+    Lq = (a * Lc).to(dtype)
+    return Lc, Lq, Lq.double() / a
+
+
+def _effective_wt(Wd, Lc, Fe, V):
+    """W~^T V for W~ = Q F^T: F Q^T V = F Lc^-1 (W^T V), one triangular solve (fp64)."""
+    return Fe @ torch.linalg.solve_triangular(Lc, Wd.transpose(1, 2) @ V, upper=False)
+
+
+def _projected_grad_moments(dqkv, Lq, a, w, d):
+    """Mean, variance and cross-token covariance of gx = dQKV W~^T (per sample
+    gx_r = D_r F Q^T, D_r = dQKV_r (L x k), F = Lq / a, Q^T Q = I, ``w`` = W~^T 1_d (C, k, 1)) without
+    forming gx. With c_r = 1^T D_r (the token sums of D_r):
+
+        sum gx^2                          = sum_r ||D_r F Q^T||^2 = sum_r ||D_r F||^2,
+        sum_i (sum_t gx_rti)^2            = ||c_r F Q^T||^2       = ||c_r F||^2,
+        per-token totals sum_{r,i} gx_rti = (sum_r D_r W~^T 1_d)_t = ((sum_r D_r) w)_t,
+
+    the sums :func:`moments_from_sums` needs (n_obs = R d). D F is the R L x k product D Lq in
+    ``dtype`` (the same rounded factor as the forward pass) with 1 / a^2 applied in fp64."""
+    C, R, L, k = dqkv.shape
+    acc = acc_dtype(dqkv)
+    Fe = Lq.double() / a.view(C, 1, 1)
+    sum_sq = sum_squares(torch.bmm(dqkv.view(C, R * L, k), Lq), (1, 2)) / a.square()
+    c = dqkv.sum(dim=2, dtype=acc).double()                             # (C, R, k)
+    sum_tt = (c @ Fe).square().sum(dim=(1, 2))
+    T = (dqkv.sum(dim=1, dtype=acc).double() @ w).view(C, L)            # per-token totals
+    return moments_from_sums(sum_sq, sum_tt, T.sum(dim=1), T.square().sum(dim=1), R * d, L)
+
+
+def _sha_floats(S):
+    """Peak per config: the projected path holds 3 d_h-wide tensors only (U or QKV, dq/dk/dv, dQKV,
+    D F), the direct one also x and gx (d wide); both hold y, G and the CPU attention matrices."""
+    R, L, d, dh = S["samples"], S["L"], S["d"], S["d_h"]
+    wide = 0 if 3 * dh < d else 3 * d
+    return R * L * (wide + 15 * dh + 3 * L) + 6 * d * dh + 2 * R * d
 
 
 def _pred_sha(A):
@@ -330,7 +448,7 @@ SHA = Component(
     simulate=_sim_sha,
     predict=_pred_sha,
     rows=STANDARD_ROWS[:4] + (Row("g cov", "grad_cov", "grad_cov"),),   # the reference: no scale here
-    floats_per_config=lambda S: S["samples"] * S["L"] * (6 * S["d"] + 12 * S["d_h"] + 3 * S["L"]) + 3 * S["d"] * S["d_h"],
+    floats_per_config=_sha_floats,
     uses_matmul=True,
 )
 
