@@ -30,9 +30,11 @@ PRECISION_SUBSET = {
 }
 
 
-def paper(device, precision, seed):
+def paper(device, precision, seed, names=None):
     out = {}
     for name, comp in comps.COMPONENTS.items():
+        if names and name not in names:
+            continue
         res = run_component(comp, resolve_grid(comp, "paper"), device, precision, seed, progress=False)
         out[name] = {"seconds": res["seconds"], "configs": res["configs"], "percentiles": res["percentiles"]}
         print(f"paper {name:9s} {res['configs']:6d} configs {res['seconds']:7.2f} s", flush=True)
@@ -88,6 +90,18 @@ def _reference_linear(P, S, device, dtype):
     return comps._measure(y, gx)
 
 
+def _reference_layernorm(P, S, device, dtype):
+    """The reference's LayerNorm simulation: MVN inputs, the feature covariance by torch.cov."""
+    import torch.nn.functional as F
+
+    C, R, L, d = len(P["s"]), S["samples"], S["L"], S["d"]
+    x = comps.equicorrelated((C, R, L, d), P["mu"], P["s"], P["r"], device=device)
+    y, gx = comps._vjp(lambda t: F.layer_norm(t, (d,)), x, (C, R, L, d), P, device)
+    out = comps._measure(y, gx)
+    out["feature_cov"] = _torch_cov_offdiag(y, 3)
+    return out
+
+
 def reference_components():
     """The components with the reference's sampling: linear as above, sha on its direct path (x
     sampled and gx formed), the others unchanged (their samplers are patched below)."""
@@ -97,13 +111,14 @@ def reference_components():
     out = dict(comps.COMPONENTS)
     out["linear"] = dataclasses.replace(out["linear"], simulate=_reference_linear)
     out["sha"] = dataclasses.replace(out["sha"], simulate=functools.partial(comps._sim_sha, projected=False))
+    out["layernorm"] = dataclasses.replace(out["layernorm"], simulate=_reference_layernorm)
     return out
 
 
 def reference_style(device, n_per_component, seed):
     rng = random.Random(seed)
-    fast = (comps.equicorrelated, comps.offdiag_cov)
-    comps.equicorrelated, comps.offdiag_cov = _mvn_equicorrelated, _torch_cov_offdiag
+    fast = comps.equicorrelated
+    comps.equicorrelated = _mvn_equicorrelated
     out = {}
     try:
         for name, comp in reference_components().items():
@@ -122,7 +137,7 @@ def reference_style(device, n_per_component, seed):
             print(f"reference-style {name:9s} {per * 1e3:8.1f} ms/config -> {per * len(configs):8.1f} s "
                   f"for {len(configs)} configs", flush=True)
     finally:
-        comps.equicorrelated, comps.offdiag_cov = fast
+        comps.equicorrelated = fast
     total = sum(v["extrapolated_seconds"] for v in out.values())
     print(f"reference-style total (extrapolated) {total:.1f} s", flush=True)
     return {"total_extrapolated_seconds": total, "components": out}
@@ -162,20 +177,26 @@ def main():
     p.add_argument("--precision", default="bf16", help="precision of the --paper run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--paper", action="store_true")
+    p.add_argument("--components", nargs="+", default=None, help="--paper: only these components")
     p.add_argument("--precision-check", action="store_true")
     p.add_argument("--reference-style", type=int, default=0, metavar="N")
     p.add_argument("--determinism", action="store_true")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--sha-sdpa", default=None, metavar="B1,B2",
+                   help="SDPA backends for sha in priority order (cudnn_attention, flash_attention, "
+                        "efficient_attention, math); default: the package's choice")
     p.add_argument("--out", default="bench_simulate.json")
     args = p.parse_args()
+    if args.sha_sdpa:
+        comps.SHA_SDPA = tuple(args.sha_sdpa.split(","))
     device = resolve_device(args.device)
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__}
+              "torch": torch.__version__, "sha_sdpa": comps.SHA_SDPA}
     print(record, flush=True)
     if args.profile:
         profile(device, args.seed)
     if args.paper:
-        record["paper"] = paper(device, args.precision, args.seed)
+        record["paper"] = paper(device, args.precision, args.seed, args.components)
     if args.precision_check:
         record["precision_check"] = precision_check(device, args.seed)
     if args.determinism:

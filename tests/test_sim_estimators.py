@@ -233,3 +233,25 @@ def test_sha_projected_and_direct_paths_agree(dtype):
     direct = {k: v.numpy() for k, v in _sim_sha(P, S, CPU, torch.float32, projected=False).items()}
     _assert_same_law(projected, direct, ["mean", "var", "cov", "grad_var", "grad_cov"],
                      power_keys=["var", "grad_var"])
+
+
+@pytest.mark.parametrize("welford", [False, True])
+def test_row_col_sums_give_token_and_feature_covariances_of_the_shifted_tensor(welford):
+    # the one-pass (Welford) path used on CUDA and the plain path agree with torch.cov, for the
+    # tokens and for the features as variables, on data whose mean (10) dwarfs its spread
+    from dslm.sim.estimators import moments_from_rows, row_col_sums
+
+    g = torch.Generator().manual_seed(3)
+    C, R, L, D = 2, 5, 7, 6
+    y = 10.0 + 0.3 * torch.randn(C, R, L, D, generator=g) + 0.2 * torch.randn(C, R, 1, D, generator=g)
+    shift = y[:, :, :1].mean(dim=(1, 2, 3))
+    rows = row_col_sums(y, shift, welford=welford)
+    for variables, axis in (("tokens", 2), ("features", 3)):
+        mean, var, cov = moments_from_rows(*rows, variables)
+        for c in range(C):
+            obs = y[c].double().movedim(axis - 1, 0).reshape(y.shape[axis], -1)
+            full = torch.cov(obs)
+            off = (full.sum() - full.diagonal().sum()) / (full.numel() - full.shape[0])
+            assert float(cov[c]) == pytest.approx(float(off), rel=1e-4, abs=1e-7)
+            assert float(mean[c]) + float(shift[c]) == pytest.approx(float(y[c].double().mean()), rel=1e-6)
+            assert float(var[c]) == pytest.approx(float(y[c].double().var(unbiased=False)), rel=1e-4)

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from dslm import theory
-from dslm.sim.estimators import (acc_dtype, device_columns, equicorrelated, mean_var,
-                                 moments_from_sums, offdiag_cov, per_config, rotated_equicorrelated,
-                                 rotated_moments, scaled_normal, sum_squares, token_moments)
+from dslm.sim.estimators import (acc_dtype, device_columns, equicorrelated, mean_var, moments_from_rows,
+                                 moments_from_sums, per_config, rotated_equicorrelated, rotated_moments,
+                                 row_col_sums, scaled_normal, sum_squares, token_moments)
 
 THIRDS = [0.0, 1 / 3, 2 / 3]
 FIFTHS = [0.0, 0.2, 0.4, 0.6, 0.8]
@@ -69,21 +69,23 @@ def _upstream_gradient(shape, P, device, dtype):
     return equicorrelated(shape, np.zeros_like(P["g"]), P["g"], P["r_g"], device=device, dtype=dtype)
 
 
-def _measure(y, gx, shift: bool = False) -> dict:
+def _measure(y, gx, shift: bool = False, feature_cov: bool = False) -> dict:
     """Forward mean, variance and cross-token covariance; the same for the input gradient.
 
-    ``shift``: subtract a data-driven constant (the first token's mean) before the fused
-    reductions, for outputs whose mean dwarfs their spread (dropout of a mean-10 input); the
-    moments are shift-invariant, so this only protects fp32 accuracy."""
-    c = None
-    if shift:
-        c = y[:, :, :1].mean(dim=tuple(range(1, y.ndim)), keepdim=True, dtype=torch.float32)
-        y = y - c
-    mean, var, cov = token_moments(y)
+    ``shift``: measure y - c with c a data-driven constant (the first token's mean), for outputs
+    whose mean dwarfs their spread (dropout of a mean-10 input); the moments are shift-invariant
+    (the mean gets c back), so this only protects fp32 accuracy. ``feature_cov``: also the mean
+    off-diagonal covariance between features (LayerNorm), from the same partial sums."""
+    c = y[:, :, :1].mean(dim=(1, 2, 3), dtype=torch.float32) if shift else None
+    rows = row_col_sums(y, c)
+    mean, var, cov = moments_from_rows(*rows)
     if c is not None:
-        mean = mean + c.reshape(-1).double()
+        mean = mean + c.double()
     _, gvar, gcov = token_moments(gx)
-    return {"mean": mean, "var": var, "cov": cov, "grad_var": gvar, "grad_cov": gcov}
+    out = {"mean": mean, "var": var, "cov": cov, "grad_var": gvar, "grad_cov": gcov}
+    if feature_cov:
+        out["feature_cov"] = moments_from_rows(*rows, "features")[2]
+    return out
 
 
 def _vjp(fn, x, G_shape, P, device):
@@ -203,9 +205,7 @@ def _sim_layernorm(P, S, device, dtype):
     C, R, L, d = len(P["s"]), S["samples"], S["L"], S["d"]
     x = equicorrelated((C, R, L, d), P["mu"], P["s"], P["r"], device=device)
     y, gx = _vjp(lambda t: F.layer_norm(t, (d,)), x, (C, R, L, d), P, device)
-    out = _measure(y, gx)
-    out["feature_cov"] = offdiag_cov(y, 3)
-    return out
+    return _measure(y, gx, feature_cov=True)
 
 
 def _pred_layernorm(A):
@@ -312,6 +312,21 @@ SOFTMAX = Component(
 # ------------------------------------------------------------------------------ single-head attention
 
 
+# SDPA backends for the attention simulation, in priority order (None: PyTorch's own choice).
+SHA_SDPA: tuple[str, ...] | None = None
+
+
+def _attention_backends():
+    """The context that applies :data:`SHA_SDPA` (names of ``torch.nn.attention.SDPBackend``)."""
+    import contextlib
+
+    if SHA_SDPA is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name.upper()) for name in SHA_SDPA], set_priority=True)
+
+
 def _sim_sha(P, S, device, dtype, projected: bool | None = None):
     """QKV = x W with one W = [W_q | W_k | W_v] (d x 3 d_h) per config, y = SDPA(q, k, v) with
     dropout, G on y; measures y and the input gradient gx = dQKV W^T. QKV is the autograd leaf, so
@@ -327,7 +342,8 @@ def _sim_sha(P, S, device, dtype, projected: bool | None = None):
     qkv, grad_moments = (_sha_projected if projected else _sha_direct)(P, W, R, L, device, dtype)
     qkv.requires_grad_(True)
     q, k, v = qkv.view(C, R, L, 3, dh).unbind(dim=3)
-    y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    with _attention_backends():
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
     G = _upstream_gradient((C, R, L, dh), P, device, y.dtype)
     (dqkv,) = torch.autograd.grad(y, qkv, G)
     mean, var, cov = token_moments(y.detach())

@@ -200,15 +200,64 @@ def moments_from_sums(sum_sq, sum_tt, token_total_sum, token_total_sumsq, n_obs:
     return mean, var, off / (n_obs - 1) / (L * (L - 1))
 
 
+def row_col_sums(y: torch.Tensor, shift: torch.Tensor | None = None, welford: bool | None = None):
+    """The three partial sums every moment of a (C, R, L, D) tensor needs (tokens on axis 2,
+    features last), of ``y - shift`` (``shift`` a (C,) tensor, or None), in fp64:
+
+        s (C, R, L): sum over features of each row,   q (C, R, L): sum of squares of each row,
+        t (C, R, D): sum over tokens of each column.
+
+    On CUDA in fp32 ``s`` and ``q`` come from one Welford pass (``var_mean`` over the features):
+    s = D m, q = D (v + m^2) with the row mean m and population variance v, so the shift enters as
+    m - shift without a shifted copy and without cancelling a large mean against a small spread.
+    Otherwise (CPU, bf16 input: ``var_mean`` would round its results to bf16) the shifted tensor is
+    reduced directly with fp32 (or wider) accumulation. ``t`` is one more pass either way.
+    ``welford`` forces one path (tests)."""
+    acc = acc_dtype(y)
+    D, L = y.shape[-1], y.shape[2]
+    c = None if shift is None else shift.double().view(-1, 1, 1)
+    if welford is None:
+        welford = y.is_cuda and y.dtype == torch.float32
+    if welford:
+        v, m = torch.var_mean(y, dim=-1, correction=0)
+        m, v = m.double(), v.double()
+        if c is not None:
+            m = m - c
+        s, q = D * m, D * (v + m.square())
+        t = y.sum(dim=2, dtype=acc).double()
+        return s, q, (t if c is None else t - L * c)
+    if c is not None:
+        y = y - c.view(-1, 1, 1, 1).to(y.dtype)
+    s = y.sum(dim=-1, dtype=acc).double()
+    q = y.to(acc).square().sum(dim=-1).double()
+    return s, q, y.sum(dim=2, dtype=acc).double()
+
+
+def moments_from_rows(s, q, t, variables: str = "tokens"):
+    """(mean, variance, off-diagonal covariance) from :func:`row_col_sums`, with the tokens
+    (``variables="tokens"``: observations are (sample, feature) pairs) or the features
+    (``"features"``: observations are (sample, token) pairs) as the covariance's variables."""
+    R, L, D = s.shape[1], s.shape[2], t.shape[2]
+    sum_sq = q.sum(dim=(1, 2))
+    if variables == "tokens":
+        totals, sum_tt, n_obs, n_var = s.sum(dim=1), t.square().sum(dim=(1, 2)), R * D, L
+    else:
+        totals, sum_tt, n_obs, n_var = t.sum(dim=1), s.square().sum(dim=(1, 2)), R * L, D
+    return moments_from_sums(sum_sq, sum_tt, totals.sum(dim=1), totals.square().sum(dim=1), n_obs, n_var)
+
+
 def token_moments(y: torch.Tensor, token_dim: int = 2):
     """Mean, population variance and mean off-diagonal cross-token covariance of y, per config
-    (see :func:`moments_from_sums`), from three fused reductions of y (no centred copy, no L x L
+    (see :func:`moments_from_sums`), from fused reductions of y (no centred copy, no L x L
     matrix): the per-token totals, sum y^2 and the squared token sums.
 
     The sums accumulate in fp32 (also for bf16 input; fp64 input stays fp64) and are combined in
     fp64. Intended for data whose mean is small against its spread; shift a large-mean tensor
-    first (see ``_measure``).
+    first (see :func:`row_col_sums`). A (C, R, L, D) tensor with the variables on axis 2 or 3 goes
+    through :func:`row_col_sums` (two passes on CUDA in fp32).
     """
+    if y.ndim == 4 and token_dim in (2, 3):
+        return moments_from_rows(*row_col_sums(y), "tokens" if token_dim == 2 else "features")
     acc = acc_dtype(y)
     dims = tuple(range(1, y.ndim))
     L = y.shape[token_dim]
@@ -226,12 +275,6 @@ def token_moments(y: torch.Tensor, token_dim: int = 2):
     sum_tt = sum_squares(token_sum, tuple(range(1, token_sum.ndim)))
     return moments_from_sums(sum_sq, sum_tt, per_token.sum(dim=1), per_token.square().sum(dim=1),
                              n_obs, L)
-
-
-def offdiag_cov(y: torch.Tensor, var_dim: int):
-    """Mean off-diagonal covariance between the variables along ``var_dim`` (every other
-    non-config axis being observations); see :func:`token_moments`."""
-    return token_moments(y, var_dim)[2]
 
 
 def relative_error(actual, predicted, scale=None):
