@@ -77,8 +77,12 @@ def _measure(y, gx, shift: bool = False, feature_cov: bool = False) -> dict:
     (the mean gets c back), so this only protects fp32 accuracy. ``feature_cov``: also the mean
     off-diagonal covariance between features (LayerNorm), from the same partial sums."""
     c = y[:, :, :1].mean(dim=(1, 2, 3), dtype=torch.float32) if shift else None
-    rows = row_col_sums(y, c)
-    mean, var, cov = moments_from_rows(*rows)
+    if y.shape[-1] == 1 and not feature_cov:    # pointwise components: rows of one feature
+        mean, var, cov = token_moments(y if c is None else y - c.view(-1, 1, 1, 1))
+        rows = None
+    else:
+        rows = row_col_sums(y, c)
+        mean, var, cov = moments_from_rows(*rows)
     if c is not None:
         mean = mean + c.double()
     _, gvar, gcov = token_moments(gx)

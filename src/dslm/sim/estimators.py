@@ -202,7 +202,8 @@ def moments_from_sums(sum_sq, sum_tt, token_total_sum, token_total_sumsq, n_obs:
 
 def row_col_sums(y: torch.Tensor, shift: torch.Tensor | None = None, welford: bool | None = None):
     """The three partial sums every moment of a (C, R, L, D) tensor needs (tokens on axis 2,
-    features last), of ``y - shift`` (``shift`` a (C,) tensor, or None), in fp64:
+    features last), of ``y - shift`` (``shift`` a (C,) tensor, or None), accumulated in fp32 (or
+    wider for fp64 input):
 
         s (C, R, L): sum over features of each row,   q (C, R, L): sum of squares of each row,
         t (C, R, D): sum over tokens of each column.
@@ -210,39 +211,39 @@ def row_col_sums(y: torch.Tensor, shift: torch.Tensor | None = None, welford: bo
     On CUDA in fp32 ``s`` and ``q`` come from one Welford pass (``var_mean`` over the features):
     s = D m, q = D (v + m^2) with the row mean m and population variance v, so the shift enters as
     m - shift without a shifted copy and without cancelling a large mean against a small spread.
-    Otherwise (CPU, bf16 input: ``var_mean`` would round its results to bf16) the shifted tensor is
-    reduced directly with fp32 (or wider) accumulation. ``t`` is one more pass either way.
-    ``welford`` forces one path (tests)."""
+    Otherwise (CPU, bf16 input: ``var_mean`` would round its results to bf16) the (shifted) tensor
+    is reduced directly: a sum and a norm over the features. ``t`` is one more pass either way.
+    ``welford`` forces one path (tests). Meant for rows of several features (D > 1)."""
     acc = acc_dtype(y)
-    D, L = y.shape[-1], y.shape[2]
-    c = None if shift is None else shift.double().view(-1, 1, 1)
+    L = y.shape[2]
     if welford is None:
         welford = y.is_cuda and y.dtype == torch.float32
     if welford:
         v, m = torch.var_mean(y, dim=-1, correction=0)
-        m, v = m.double(), v.double()
-        if c is not None:
-            m = m - c
-        s, q = D * m, D * (v + m.square())
-        t = y.sum(dim=2, dtype=acc).double()
-        return s, q, (t if c is None else t - L * c)
-    if c is not None:
-        y = y - c.view(-1, 1, 1, 1).to(y.dtype)
-    s = y.sum(dim=-1, dtype=acc).double()
-    q = y.to(acc).square().sum(dim=-1).double()
-    return s, q, y.sum(dim=2, dtype=acc).double()
+        if shift is not None:
+            m = m - shift.to(m.dtype).view(-1, 1, 1)
+        D = y.shape[-1]
+        t = y.sum(dim=2, dtype=acc)
+        return D * m, D * (v + m.square()), (t if shift is None else t - L * shift.to(t.dtype).view(-1, 1, 1))
+    if shift is not None:
+        y = y - shift.to(y.dtype).view(-1, 1, 1, 1)
+    s = y.sum(dim=-1, dtype=acc)
+    q = torch.linalg.vector_norm(y, dim=-1, dtype=acc).square()
+    return s, q, y.sum(dim=2, dtype=acc)
 
 
 def moments_from_rows(s, q, t, variables: str = "tokens"):
     """(mean, variance, off-diagonal covariance) from :func:`row_col_sums`, with the tokens
     (``variables="tokens"``: observations are (sample, feature) pairs) or the features
-    (``"features"``: observations are (sample, token) pairs) as the covariance's variables."""
+    (``"features"``: observations are (sample, token) pairs) as the covariance's variables. The
+    partial sums are reduced further with fp64 accumulation."""
+    f64 = torch.float64
     R, L, D = s.shape[1], s.shape[2], t.shape[2]
-    sum_sq = q.sum(dim=(1, 2))
+    sum_sq = q.sum(dim=(1, 2), dtype=f64)
     if variables == "tokens":
-        totals, sum_tt, n_obs, n_var = s.sum(dim=1), t.square().sum(dim=(1, 2)), R * D, L
+        totals, sum_tt, n_obs, n_var = s.sum(dim=1, dtype=f64), t.double().square().sum(dim=(1, 2)), R * D, L
     else:
-        totals, sum_tt, n_obs, n_var = t.sum(dim=1), s.square().sum(dim=(1, 2)), R * L, D
+        totals, sum_tt, n_obs, n_var = t.sum(dim=1, dtype=f64), s.double().square().sum(dim=(1, 2)), R * L, D
     return moments_from_sums(sum_sq, sum_tt, totals.sum(dim=1), totals.square().sum(dim=1), n_obs, n_var)
 
 
@@ -253,10 +254,10 @@ def token_moments(y: torch.Tensor, token_dim: int = 2):
 
     The sums accumulate in fp32 (also for bf16 input; fp64 input stays fp64) and are combined in
     fp64. Intended for data whose mean is small against its spread; shift a large-mean tensor
-    first (see :func:`row_col_sums`). A (C, R, L, D) tensor with the variables on axis 2 or 3 goes
-    through :func:`row_col_sums` (two passes on CUDA in fp32).
+    first (see :func:`row_col_sums`). A (C, R, L, D > 1) tensor with the variables on axis 2 or 3
+    goes through :func:`row_col_sums` (two passes on CUDA in fp32).
     """
-    if y.ndim == 4 and token_dim in (2, 3):
+    if y.ndim == 4 and token_dim in (2, 3) and y.shape[-1] > 1:
         return moments_from_rows(*row_col_sums(y), "tokens" if token_dim == 2 else "features")
     acc = acc_dtype(y)
     dims = tuple(range(1, y.ndim))

@@ -177,7 +177,12 @@ class PretrainTask:
         return bert_flops_per_token(self.config, self.seq_len, self.max_predictions / self.seq_len)
 
     def compile_model(self, model) -> None:
-        """Compile each transformer layer (one graph reused by all of them) and the head + loss."""
+        """Up to 24 layers: one graph for the whole model and loss (BERT-base on an H100: 486k
+        tokens/s against 456k per layer). Deeper: each transformer layer (one graph reused by all of
+        them) and the head + loss, so that compile time does not grow with depth."""
+        if len(model.bert.layers) <= 24:
+            model.compile()
+            return
         for layer in model.bert.layers:
             layer.compile()
         model.head_loss = torch.compile(model._head_loss)
