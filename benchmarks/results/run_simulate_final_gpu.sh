@@ -1,5 +1,5 @@
 #!/bin/bash
-# The final device call behind simulate_h100.json (repository root; OUT = where results go): the
+# The device call behind results/simulate/h100_final.json (repository root; OUT = where results go): the
 # paper grids of all seven components at the default precision with the package's defaults,
 # bf16/tf32/fp32 percentiles on subsets and determinism (run_simulate_gpu.sh also compares SDPA backends).
 export PYTHONPATH=src PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=${GPU:-0}

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The device call behind simulate_h100.json (run from the repository root; OUT = where results go;
+# A device call behind results/simulate/ (h100_sha_backend_*.json, h100_run2.log) (run from the repository root; OUT = where results go;
 # GPU = which device, default 0). (1) The attention grid alone with PyTorch's SDPA choice and with
 # cuDNN or memory-efficient attention first, each checked for determinism; (2) with the fastest
 # deterministic choice: the paper grids of all seven components at the default precision (bf16

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The device call behind throughput_h100.json (run from the repository root; OUT = where results go;
+# The device call behind throughput/h100_variants.json (run from the repository root; OUT = where results go;
 # GPU = which device, default 0): the GPU tests of --cuda-graphs, then the throughput table, one
 # process per variant (a failed CUDA-graph capture leaves the CUDA state unusable for the next one),
 # the best variant again with the cuDNN attention backend forced, and a kernel profile.

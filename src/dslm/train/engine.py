@@ -199,6 +199,9 @@ def validate(cfg: TrainConfig) -> None:
         bad("eval-iters", f"{cfg.eval_iters}: must be >= 1 or 'all'")
     if cfg.device not in ("auto", "cpu", "cuda"):
         bad("device", f"{cfg.device!r}: expected auto, cpu or cuda")
+    if cfg.cuda_graphs and cfg.compile:
+        bad("cuda-graphs", "cannot be combined with --compile (capturing Inductor's random-number kernels in a "
+                           "CUDA graph fails); use one of them")
     if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1 and cfg.adam_eps > 0):
         bad("adam-beta1", "and --adam-beta2 must be in [0, 1), --adam-eps > 0")
 
