@@ -4,10 +4,14 @@
    seconds and percentiles.
 2. ``--precision-check``: a subset of the matmul components (linear, sha) at fp32, tf32 and bf16,
    percentiles side by side, to show that reduced-precision matmuls leave them unchanged.
-3. ``--reference-style N``: the reference's method (a full L x L multivariate normal per
-   configuration, torch.cov over L x L, one configuration at a time with a host sync after each)
-   timed on N random configurations per component and extrapolated to the paper grid.
+3. ``--reference-style N``: the reference's sampling (a full L x L multivariate normal per
+   configuration, x sampled and gx formed for linear and sha, torch.cov for LayerNorm's feature
+   covariance, one configuration at a time with a host sync after each) timed on N random
+   configurations per component and extrapolated to the paper grid. The token covariances use this
+   package's fused sums, so the extrapolation underestimates the reference's own code.
 4. ``--determinism``: the same seed twice gives bit-identical measurements.
+5. ``--profile``: top kernels of one sha and one linear subset; ``--sha-sdpa``: SDPA backends for
+   sha in priority order; ``--components``: a subset for ``--paper``.
 
 Everything lands in one JSON (``--out``); a table is printed.
 """

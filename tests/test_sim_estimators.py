@@ -255,3 +255,17 @@ def test_row_col_sums_give_token_and_feature_covariances_of_the_shifted_tensor(w
             assert float(cov[c]) == pytest.approx(float(off), rel=1e-4, abs=1e-7)
             assert float(mean[c]) + float(shift[c]) == pytest.approx(float(y[c].double().mean()), rel=1e-6)
             assert float(var[c]) == pytest.approx(float(y[c].double().var(unbiased=False)), rel=1e-4)
+
+
+def test_shifted_bf16_rows_keep_the_exact_mean():
+    # the shift is subtracted in the accumulation dtype: a bf16-rounded shift (10.03 -> 10.0)
+    # would move the measured mean by the rounding error
+    from dslm.sim.estimators import moments_from_rows, row_col_sums
+
+    g = torch.Generator().manual_seed(5)
+    y = (10.03 + 0.05 * torch.randn(2, 4, 8, 16, generator=g)).to(torch.bfloat16)
+    shift = y[:, :, :1].float().mean(dim=(1, 2, 3))
+    mean, var, _ = moments_from_rows(*row_col_sums(y, shift))
+    truth = y.double().mean(dim=(1, 2, 3))
+    torch.testing.assert_close(mean + shift.double(), truth, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var, y.double().var(dim=(1, 2, 3), unbiased=False), rtol=1e-4, atol=0)

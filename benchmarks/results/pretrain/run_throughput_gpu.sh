@@ -9,7 +9,7 @@ W=/tmp/throughput; mkdir -p $W
 {
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   timeout 180 python -m pytest -q -p no:cacheprovider tests/test_train_graphs.py 2>&1 | grep -v "^\s*$" | tail -40
-  for v in hf ours ours-graphs ours-compiled ours-compiled-graphs ours-compiled-ro; do
+  for v in hf ours ours-graphs ours-compiled ours-compiled-full ours-compiled-full-ro; do
     timeout 150 python benchmarks/bench_pretrain.py throughput --sizes deep-narrow bert-base --variants $v --out $W/default
   done
   timeout 120 python benchmarks/bench_pretrain.py profile --sizes bert-base --variants ours-compiled --out $W/profile

@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--ln", choices=("post", "pre"), default=FRESH["ln"], help="LayerNorm placement")
     m.add_argument("--activation", choices=("relu", "gelu"), default=FRESH["activation"], help="FFN activation")
     m.add_argument("--init", choices=("megatron", "xavier", "dslm"), default=FRESH["init"], help="init scheme")
-    add_train_arguments(parser, COMMON)
+    # no --cuda-graphs: finetuning batches are padded to their longest example, so shapes vary
+    add_train_arguments(parser, COMMON, exclude=("cuda_graphs",))
     for action in parser._actions:
         if action.dest in TASK_KEYS:
             shown = {t: r.get(action.dest, COMMON.get(action.dest, action.default)) for t, r in RECIPES.items()}

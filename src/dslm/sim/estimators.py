@@ -210,7 +210,8 @@ def row_col_sums(y: torch.Tensor, shift: torch.Tensor | None = None, welford: bo
 
     On CUDA in fp32 ``s`` and ``q`` come from one Welford pass (``var_mean`` over the features):
     s = D m, q = D (v + m^2) with the row mean m and population variance v, so the shift enters as
-    m - shift without a shifted copy and without cancelling a large mean against a small spread.
+    m - shift without a shifted copy, and the squares never cancel a large mean against a small
+    spread (the column sums are shifted after summing: L values, an fp32-accurate difference).
     Otherwise (CPU, bf16 input: ``var_mean`` would round its results to bf16) the (shifted) tensor
     is reduced directly: a sum and a norm over the features. ``t`` is one more pass either way.
     ``welford`` forces one path (tests). Meant for rows of several features (D > 1)."""
@@ -225,8 +226,8 @@ def row_col_sums(y: torch.Tensor, shift: torch.Tensor | None = None, welford: bo
         D = y.shape[-1]
         t = y.sum(dim=2, dtype=acc)
         return D * m, D * (v + m.square()), (t if shift is None else t - L * shift.to(t.dtype).view(-1, 1, 1))
-    if shift is not None:
-        y = y - shift.to(y.dtype).view(-1, 1, 1, 1)
+    if shift is not None:      # in the accumulation dtype: a bf16-rounded shift would bias the mean
+        y = y.to(acc) - shift.to(acc).view(-1, 1, 1, 1)
     s = y.sum(dim=-1, dtype=acc)
     q = torch.linalg.vector_norm(y, dim=-1, dtype=acc).square()
     return s, q, y.sum(dim=2, dtype=acc)

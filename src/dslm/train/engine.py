@@ -135,13 +135,17 @@ def _eval_iters(value: str):
     return None if n <= 0 else n
 
 
-def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None,
+                        exclude: tuple[str, ...] = ()) -> None:
     """One flag per :class:`TrainConfig` field (``--out-dir``, ``--global-batch``, ...); ``defaults``
-    overrides the dataclass defaults (a job's recipe)."""
+    overrides the dataclass defaults (a job's recipe); ``exclude`` names fields a job does not offer
+    (they keep their dataclass defaults)."""
     base = asdict(TrainConfig())
     base.update(defaults or {})
     group = parser.add_argument_group("training")
     for f in fields(TrainConfig):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default, help_text = base[f.name], _HELP[f.name]
         if f.name in ("compile", "cuda_graphs", "fsdp", "progress", "save_final"):

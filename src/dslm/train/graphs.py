@@ -13,7 +13,7 @@ Both halves are the very closures the eager engine runs (one code path); capture
 they are launched. What a graph needs, and how it is provided:
 
 * static inputs: each batch is copied into device buffers captured by the graph (every batch must
-  have the shapes of the first; a different shape is a clear error);
+  have the first one's fields, shapes and dtypes; anything else is a one-line error);
 * persistent gradients: ``step_fn`` zeroes them in place (never sets them to ``None``), so the
   warmup steps leave every gradient the model produces allocated, and replaying the micro-step
   ``accum`` times accumulates into them;
@@ -83,14 +83,17 @@ class GraphedStep:
 
     # ----------------------------------------------------------------------------- per step
     def micro_step(self, batch: dict) -> None:
+        if self.static_batch is None:
+            if not all(torch.is_tensor(v) for v in batch.values()):
+                raise UsageError("--cuda-graphs needs batches made only of tensors")
+            self.static_batch = {k: torch.empty_like(v, device="cuda") for k, v in batch.items()}
+        self._check(batch)
         if not self.captured:
-            if self.static_batch is None:
-                self.static_batch = {k: torch.empty_like(v, device="cuda") for k, v in batch.items()
-                                     if torch.is_tensor(v)}
             with self._on_side_stream():
                 self.micro_fn(_to_cuda(batch))
             return
-        self._load(batch)
+        for key, buf in self.static_batch.items():
+            buf.copy_(batch[key], non_blocking=True)
         self.micro_graph.replay()
 
     def optimizer_step(self) -> torch.Tensor:
@@ -107,13 +110,17 @@ class GraphedStep:
         return self.found
 
     # ----------------------------------------------------------------------------- capture
-    def _load(self, batch: dict) -> None:
+    def _check(self, batch: dict) -> None:
+        """Every batch must have the first one's keys, shapes and dtypes (the graph reads fixed buffers)."""
+        if set(batch) != set(self.static_batch):
+            raise UsageError(f"--cuda-graphs needs every batch to have the same fields: got {sorted(batch)}, "
+                             f"the first batch had {sorted(self.static_batch)}")
         for key, buf in self.static_batch.items():
             src = batch[key]
-            if src.shape != buf.shape:
-                raise UsageError(f"--cuda-graphs needs every batch to have the same shapes: {key} has "
-                                 f"{tuple(src.shape)}, the captured batch {tuple(buf.shape)}")
-            buf.copy_(src, non_blocking=True)
+            if not torch.is_tensor(src) or src.shape != buf.shape or src.dtype != buf.dtype:
+                what = f"{tuple(src.shape)} {src.dtype}" if torch.is_tensor(src) else type(src).__name__
+                raise UsageError(f"--cuda-graphs needs every batch to have the same shapes: {key} is {what}, "
+                                 f"the first batch's {tuple(buf.shape)} {buf.dtype}")
 
     def _capture(self) -> None:
         torch.cuda.synchronize()
