@@ -290,8 +290,11 @@ LEARNING_DEEP = deep_suite(("2e-3", "5e-3"), 600)
 LEARNING_DEEP_LONG = deep_suite(("1e-3", "3e-3"), 4000, cuda_graphs=True)
 # the stress test: no warmup and no clipping, where Post-LN baselines are known to blow up
 LEARNING_DEEP_STRESS = deep_suite(("1e-3", "3e-3", "1e-2"), 600, tag="stress", cuda_graphs=True, warmup=0, clip=0)
+# not run yet: the paper's width, where megatron's std 0.02 lets every block dominate the stream
+# (~1.2B parameters per run: one run per GPU)
+LEARNING_DEEP_WIDE = deep_suite(("5e-4", "1e-3"), 1500, tag="wide", hidden=1024, heads=16, cuda_graphs=True)
 SUITES = {"basic": LEARNING_RUNS, "deep": LEARNING_DEEP, "deep-long": LEARNING_DEEP_LONG,
-          "deep-stress": LEARNING_DEEP_STRESS}
+          "deep-stress": LEARNING_DEEP_STRESS, "deep-wide": LEARNING_DEEP_WIDE}
 
 
 def learning_argv(name, r, out, args):
