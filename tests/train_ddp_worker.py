@@ -8,6 +8,7 @@ import torch
 torch.set_num_threads(1)
 
 from dslm.model import BertConfig  # noqa: E402
+from dslm.train.distributed import exit_process  # noqa: E402
 from dslm.train.engine import TrainConfig, train  # noqa: E402
 from dslm.train.pretrain import PretrainTask  # noqa: E402
 
@@ -53,7 +54,7 @@ if __name__ == "__main__":
                           precision="fp32", eval_every=0, eval_iters=None, eval_batch=4, save_every=0, log_every=1,
                           num_workers=0, device="cpu", progress=False, fsdp=True, save_final=False)
         train(uneven_eval_task(int(sys.argv[3])), cfg)
-        sys.exit(0)
+        exit_process(0)
     # args: DATA VOCAB OUT [ddp|fsdp] [STOP_AT] [LOAD]
     data_dir, vocab_size, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     mode = sys.argv[4] if len(sys.argv) > 4 else "ddp"
@@ -63,3 +64,4 @@ if __name__ == "__main__":
                       eval_every=0, eval_iters=1, save_every=0, log_every=1, num_workers=0, device="cpu",
                       progress=False, fsdp=mode == "fsdp", stop_at=stop_at, load=load)
     train(tiny_task(data_dir, vocab_size), cfg)
+    exit_process(0)

@@ -1,6 +1,4 @@
 """`python -m dslm` is the `dslm` command."""
-import sys
+from dslm.cli import entry
 
-from dslm.cli import main
-
-sys.exit(main())
+entry()

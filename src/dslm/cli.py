@@ -75,5 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The console script and ``python -m dslm``: :func:`main`, then exit (see
+    :func:`dslm.train.distributed.exit_process` for runs under torchrun)."""
+    code = main()
+    if "dslm.train.distributed" in sys.modules:
+        from dslm.train.distributed import exit_process
+
+        code = exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
