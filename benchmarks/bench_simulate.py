@@ -1,7 +1,7 @@
 """Benchmark of `dslm simulate` (issue 2 targets).
 
 1. ``--paper``: the paper grids of all seven components at the chosen precision; per-component
-   seconds and percentiles.
+   seconds (after the untimed CUDA start-up, which is reported on its own) and percentiles.
 2. ``--precision-check``: a subset of the matmul components (linear, sha) at fp32, tf32 and bf16,
    percentiles side by side, to show that reduced-precision matmuls leave them unchanged.
 3. ``--reference-style N``: the reference's sampling (a full L x L multivariate normal per
@@ -10,7 +10,7 @@
    configurations per component and extrapolated to the paper grid. The token covariances use this
    package's fused sums, so the extrapolation underestimates the reference's own code.
 4. ``--determinism``: the same seed twice gives bit-identical measurements.
-5. ``--profile``: top kernels of one sha and one linear subset; ``--sha-sdpa``: SDPA backends for
+5. ``--profile``: top kernels of the sha and linear paper grids; ``--sha-sdpa``: SDPA backends for
    sha in priority order; ``--components``: a subset for ``--paper``.
 
 Everything lands in one JSON (``--out``); a table is printed.
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import dslm.sim.components as comps
-from dslm.sim.runner import resolve_device, resolve_grid, run_component
+from dslm.sim.runner import resolve_device, resolve_grid, run_component, warm_up
 
 PRECISION_SUBSET = {
     "linear": {"d_in": [316], "d_out": [316, 1000], "L": [100]},
@@ -35,16 +35,20 @@ PRECISION_SUBSET = {
 
 
 def paper(device, precision, seed, names=None):
+    """The paper grids as ``dslm simulate --grid paper`` runs them: CUDA start-up first (untimed
+    in the component seconds, reported on its own), then every component once."""
+    names = [n for n in comps.COMPONENTS if not names or n in names]
+    startup = warm_up(names, device, precision)
+    print(f"CUDA start-up {startup:.2f} s", flush=True)
     out = {}
-    for name, comp in comps.COMPONENTS.items():
-        if names and name not in names:
-            continue
+    for name in names:
+        comp = comps.COMPONENTS[name]
         res = run_component(comp, resolve_grid(comp, "paper"), device, precision, seed, progress=False)
         out[name] = {"seconds": res["seconds"], "configs": res["configs"], "percentiles": res["percentiles"]}
         print(f"paper {name:9s} {res['configs']:6d} configs {res['seconds']:7.2f} s", flush=True)
     total = sum(v["seconds"] for v in out.values())
     print(f"paper total {total:.2f} s ({precision})", flush=True)
-    return {"precision": precision, "total_seconds": total, "components": out}
+    return {"precision": precision, "total_seconds": total, "startup_seconds": startup, "components": out}
 
 
 def precision_check(device, seed):
@@ -158,21 +162,21 @@ def determinism(device, seed):
     return {"identical": same}
 
 
-def profile(device, seed):
-    """Top kernels of one sha and one linear subset (where the paper-grid time goes)."""
+def profile(device, seed, components=("sha", "linear")):
+    """Top kernels of each component's whole paper grid (where the paper-grid time goes), after a
+    warm-up on one small subset so that CUDA start-up is not in the table."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for name, sub in (("sha", {"d": [1000], "d_h": [64], "L": [1000], "p": [1 / 3]}),
-                      ("linear", {"d_in": [1000], "d_out": [1000], "L": [1000]})):
+    for name in components:
         comp = comps.COMPONENTS[name]
-        grid = resolve_grid(comp, sub)
-        run_component(comp, grid, device, "bf16", seed, progress=False)   # warm-up
+        first = {axis: values[:1] for axis, values in comp.paper.items()}
+        run_component(comp, resolve_grid(comp, first), device, "bf16", seed, progress=False)   # warm-up
         with torch_profile(activities=acts) as prof:
-            res = run_component(comp, grid, device, "bf16", seed, progress=False)
+            res = run_component(comp, resolve_grid(comp, "paper"), device, "bf16", seed, progress=False)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(f"profile {name}: {res['configs']} configs {res['seconds']:.2f} s", flush=True)
-        print(prof.key_averages().table(sort_by=key, row_limit=14), flush=True)
+        print(f"profile {name}: {res['configs']} configs {res['seconds']:.2f} s (under the profiler)", flush=True)
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=90), flush=True)
 
 
 def main():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dslm.sim.components import (_column_factor, _effective_wt, _projected_grad_moments,
-                                 _sha_projected, _sim_linear, _sim_sha)
+from dslm.sim.components import (_column_factor, _effective_wt, _gram_grad_moments, _sha_projected,
+                                 _sim_linear, _sim_sha)
 from dslm.sim.estimators import (exact_parts, n_exact_parts, rotated_equicorrelated,
                                  rotated_moments, token_moments)
 
@@ -162,21 +162,29 @@ def _sha_weights(C, d, k):
     return torch.randn(C, d, k, dtype=F64) * torch.linspace(0.3, 2.0, k, dtype=F64)
 
 
-def test_projected_gradient_moments_equal_direct_moments_exactly():
-    """The Gram identities: moments of gx = dQKV W^T from (Lq, a, W^T 1) only, and W~^T V through
-    the triangular solve, equal the direct ones in fp64 (where W~ = W)."""
+@pytest.mark.parametrize("factor", ["direct", "projected"])
+def test_gram_gradient_moments_equal_direct_moments_exactly(factor):
+    """The Gram identities: the moments of gx = [dq | dk | dv] W^T from the Gram blocks of dq, dk, dv
+    with K = W^T W (direct path) or K = F F^T (projected path, W~ = W in fp64) and w = W^T 1 equal
+    the moments of gx formed explicitly; W~^T V through the triangular solve equals W^T V."""
     torch.manual_seed(4)
-    C, R, L, d, k = 2, 3, 5, 11, 6
+    C, R, L, d, dh = 2, 3, 5, 11, 2
+    k = 3 * dh
     W = _sha_weights(C, d, k)
-    a = _col([0.7, 1.3])
-    Lc, Lq, Fe = _column_factor(W, a.view(C, 1, 1), F64)
-    torch.testing.assert_close(Lc @ Lc.transpose(1, 2), W.transpose(1, 2) @ W)
-    V = torch.randn(C, d, 4, dtype=F64)
-    torch.testing.assert_close(_effective_wt(W, Lc, Fe, V), W.transpose(1, 2) @ V, rtol=1e-12, atol=1e-12)
-    w = _effective_wt(W, Lc, Fe, torch.ones(C, d, 1, dtype=F64))
+    ones = torch.ones(C, d, 1, dtype=F64)
+    if factor == "projected":
+        a = _col([0.7, 1.3])
+        Lc, Lq, Fe = _column_factor(W, a.view(C, 1, 1), F64)
+        torch.testing.assert_close(Lc @ Lc.transpose(1, 2), W.transpose(1, 2) @ W)
+        V = torch.randn(C, d, 4, dtype=F64)
+        torch.testing.assert_close(_effective_wt(W, Lc, Fe, V), W.transpose(1, 2) @ V, rtol=1e-12, atol=1e-12)
+        K, w = Fe @ Fe.transpose(1, 2), _effective_wt(W, Lc, Fe, ones)
+    else:
+        K, w = W.transpose(1, 2) @ W, W.transpose(1, 2) @ ones
     D = torch.randn(C, R, L, k, dtype=F64) + torch.randn(C, R, 1, k, dtype=F64)  # cross-token correlated
     expected = token_moments(D @ W.transpose(1, 2)[:, None])
-    _assert_moments_equal(_projected_grad_moments(D, Lq, a, w, d), expected)
+    grads = tuple(t.contiguous() for t in D.view(C, R, L, 3, dh).unbind(dim=3))
+    _assert_moments_equal(_gram_grad_moments(grads, K, w, d), expected)
 
 
 def _wishart_z(S, M, n):
@@ -196,7 +204,7 @@ def test_projected_sampler_has_the_law_of_x_w():
 
     # independent part: r = 0, mu = 0; rows iid N(0, s^2 M)
     s = 1.3
-    qkv, _ = _sha_projected({"s": np.array([s]), "r": np.array([0.0]), "mu": np.array([0.0])},
+    qkv, _, _ = _sha_projected({"s": np.array([s]), "r": np.array([0.0]), "mu": np.array([0.0])},
                             W, 40, 500, CPU, torch.float32)
     rows = qkv.reshape(-1, k).double()
     n = rows.shape[0]
@@ -207,7 +215,7 @@ def test_projected_sampler_has_the_law_of_x_w():
 
     # shared part: r > 0, mu != 0, two tokens per sample
     s, r, mu, R = 0.9, 0.6, 0.8, 8000
-    qkv, _ = _sha_projected({"s": np.array([s]), "r": np.array([r]), "mu": np.array([mu])},
+    qkv, _, _ = _sha_projected({"s": np.array([s]), "r": np.array([r]), "mu": np.array([mu])},
                             W, R, 2, CPU, torch.float32)
     x = qkv[0].double()                                                     # (R, 2, k)
     mean = mu * W[0].double().sum(dim=0)

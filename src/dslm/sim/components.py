@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from dslm import theory
 from dslm.sim.estimators import (acc_dtype, device_columns, equicorrelated, mean_var, moments_from_rows,
                                  moments_from_sums, per_config, rotated_equicorrelated, rotated_moments,
-                                 row_col_sums, scaled_normal, sum_squares, token_moments)
+                                 row_col_sums, scaled_normal, token_moments)
 
 THIRDS = [0.0, 1 / 3, 2 / 3]
 FIFTHS = [0.0, 0.2, 0.4, 0.6, 0.8]
@@ -333,9 +332,11 @@ def _attention_backends():
 
 def _sim_sha(P, S, device, dtype, projected: bool | None = None):
     """QKV = x W with one W = [W_q | W_k | W_v] (d x 3 d_h) per config, y = SDPA(q, k, v) with
-    dropout, G on y; measures y and the input gradient gx = dQKV W^T. QKV is the autograd leaf, so
-    autograd stops at dQKV. ``projected`` (default: 3 d_h < d) picks :func:`_sha_projected`, which
-    never forms the L x d tensors, over :func:`_sha_direct`; both give the same random variable."""
+    dropout, G on y; measures y and the input gradient gx = dQKV W^T. q, k and v are the autograd
+    leaves (views of one QKV tensor), so autograd stops at dq, dk, dv and never stacks them.
+    ``projected`` (default: 3 d_h < d) picks :func:`_sha_projected`, which never forms the L x d
+    input, over :func:`_sha_direct`; both give the same random variable. Neither forms gx: its
+    moments come from the Gram matrix of (dq, dk, dv) (:func:`_gram_grad_moments`)."""
     C, R, L, d, dh, p = len(P["s"]), S["samples"], S["L"], S["d"], S["d_h"], S["p"]
     if projected is None:
         projected = 3 * dh < d
@@ -343,39 +344,34 @@ def _sim_sha(P, S, device, dtype, projected: bool | None = None):
     col_std = device_columns([P["s_q"] / math.sqrt(d), P["s_q"] / math.sqrt(d), P["s_v"] / math.sqrt(d)],
                              device).T.reshape(C, 1, 3, 1)
     W = torch.empty((C, d, 3, dh), device=device).normal_().mul_(col_std).reshape(C, d, 3 * dh)
-    qkv, grad_moments = (_sha_projected if projected else _sha_direct)(P, W, R, L, device, dtype)
-    qkv.requires_grad_(True)
-    q, k, v = qkv.view(C, R, L, 3, dh).unbind(dim=3)
+    qkv, K, w = (_sha_projected if projected else _sha_direct)(P, W, R, L, device, dtype)
+    q, k, v = (t.detach().requires_grad_(True) for t in qkv.view(C, R, L, 3, dh).unbind(dim=3))
     with _attention_backends():
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
     G = _upstream_gradient((C, R, L, dh), P, device, y.dtype)
-    (dqkv,) = torch.autograd.grad(y, qkv, G)
+    grads = torch.autograd.grad(y, (q, k, v), G)
     mean, var, cov = token_moments(y.detach())
-    _, gvar, gcov = grad_moments(dqkv)
+    _, gvar, gcov = _gram_grad_moments(grads, K, w, d)
     return {"mean": mean, "var": var, "cov": cov, "grad_var": gvar, "grad_cov": gcov}
 
 
 def _sha_direct(P, W, R, L, device, dtype):
-    """QKV = x W with x equicorrelated (L x d per sample) and W rounded once to ``dtype``; the
-    input-gradient moments come from gx = dQKV W^T formed explicitly. On this path (3 d_h >= d)
-    x and gx are no wider than QKV and dQKV, so the shared cross-token part is added to x (the
-    narrower tensor) and forming gx costs less than the k x k Gram products of
-    :func:`_projected_grad_moments`. Returns (QKV, grad_moments)."""
+    """QKV = x W with x equicorrelated (L x d per sample) and W rounded once to ``dtype``. On this
+    path (3 d_h >= d) x is no wider than QKV, so the shared cross-token part is added to x. Returns
+    (QKV, K, w) for :func:`_gram_grad_moments`: K = Wq^T Wq and w = Wq^T 1_d in fp64, Wq the rounded W
+    the forward pass used."""
     C, d, k = W.shape
     Wq = W.to(dtype)
     x = equicorrelated((C, R, L, d), P["mu"], P["s"], P["r"], device=device, dtype=dtype)
     qkv = torch.bmm(x.view(C, R * L, d), Wq).view(C, R, L, k)
-
-    def grad_moments(dqkv):
-        return token_moments(torch.bmm(dqkv.view(C, R * L, k), Wq.transpose(1, 2)).view(C, R, L, d))
-
-    return qkv, grad_moments
+    Wd = Wq.double()
+    return qkv, Wd.transpose(1, 2) @ Wd, Wd.sum(dim=1).unsqueeze(2)
 
 
 def _sha_projected(P, W, R, L, device, dtype):
-    """QKV and the input-gradient moments through the 3 d_h-dimensional column space of W
-    (d x 3 d_h, full column rank since d > 3 d_h); exact, with 3 d_h instead of d random numbers
-    per token and no L x d tensor. Returns (QKV, grad_moments).
+    """QKV through the 3 d_h-dimensional column space of W (d x 3 d_h, full column rank since
+    d > 3 d_h); exact, with 3 d_h instead of d random numbers per token and no L x d tensor.
+    Returns (QKV, K, w) for :func:`_gram_grad_moments`.
 
     Per sample x = a z + 1 u^T (a = s sqrt(1 - r), u = mu + s sqrt(r) xi, z unit normals), so
     QKV = a z W + 1 (W^T u)^T. With W = Q Lc^T (:func:`_column_factor`), z Q has iid unit-normal
@@ -386,7 +382,8 @@ def _sha_projected(P, W, R, L, device, dtype):
 
         QKV = U Lq^T + 1 (W~^T u)^T     (W~^T u from :func:`_effective_wt`),
 
-    and the input-gradient moments come from :func:`_projected_grad_moments`.
+    and the input gradient gx = dQKV W~^T has the Gram matrix K = W~^T W~ = F F^T (Q^T Q = I) and
+    w = W~^T 1_d.
     """
     C, d, k = W.shape
     cols = device_columns([P["s"] * np.sqrt(1 - P["r"]), P["s"] * np.sqrt(P["r"]), P["mu"]], device,
@@ -401,7 +398,7 @@ def _sha_projected(P, W, R, L, device, dtype):
     qkv = torch.bmm(U, Lq.transpose(1, 2)).view(C, R, L, k)
     del U
     qkv.add_(Wtu[:, :, :R].transpose(1, 2).unsqueeze(2).float())     # + 1 (W~^T u_r)^T, rounded once
-    return qkv, partial(_projected_grad_moments, Lq=Lq, a=a.view(C), w=Wtu[:, :, R:], d=d)
+    return qkv, Fe @ Fe.transpose(1, 2), Wtu[:, :, R:]
 
 
 def _column_factor(Wd, a, dtype):
@@ -420,24 +417,45 @@ def _effective_wt(Wd, Lc, Fe, V):
     return Fe @ torch.linalg.solve_triangular(Lc, Wd.transpose(1, 2) @ V, upper=False)
 
 
-def _projected_grad_moments(dqkv, Lq, a, w, d):
-    """Mean, variance and cross-token covariance of gx = dQKV W~^T (per sample
-    gx_r = D_r F Q^T, D_r = dQKV_r (L x k), F = Lq / a, Q^T Q = I, ``w`` = W~^T 1_d (C, k, 1)) without
-    forming gx. With c_r = 1^T D_r (the token sums of D_r):
+def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T b per config for (C, n, p) and (C, n, q) tensors, accumulated and returned in fp32
+    (bf16 inputs on CUDA: one GEMM with an fp32 output, no rounding of the sums to bf16)."""
+    if a.dtype == torch.float32 or a.dtype == torch.float64:
+        return torch.bmm(a.transpose(1, 2), b)
+    if a.is_cuda:
+        return torch.bmm(a.transpose(1, 2), b, out_dtype=torch.float32)
+    return torch.bmm(a.transpose(1, 2).float(), b.float())
 
-        sum gx^2                          = sum_r ||D_r F Q^T||^2 = sum_r ||D_r F||^2,
-        sum_i (sum_t gx_rti)^2            = ||c_r F Q^T||^2       = ||c_r F||^2,
-        per-token totals sum_{r,i} gx_rti = (sum_r D_r W~^T 1_d)_t = ((sum_r D_r) w)_t,
 
-    the sums :func:`moments_from_sums` needs (n_obs = R d). D F is the R L x k product D Lq in
-    ``dtype`` (the same rounded factor as the forward pass) with 1 / a^2 applied in fp64."""
-    C, R, L, k = dqkv.shape
-    acc = acc_dtype(dqkv)
-    Fe = Lq.double() / a.view(C, 1, 1)
-    sum_sq = sum_squares(torch.bmm(dqkv.view(C, R * L, k), Lq), (1, 2)) / a.square()
-    c = dqkv.sum(dim=2, dtype=acc).double()                             # (C, R, k)
-    sum_tt = (c @ Fe).square().sum(dim=(1, 2))
-    T = (dqkv.sum(dim=1, dtype=acc).double() @ w).view(C, L)            # per-token totals
+def _gram_grad_moments(grads, K, w, d):
+    """Mean, variance and cross-token covariance of gx = D W^T without forming gx, where per sample
+    D_r = [dq_r | dk_r | dv_r] (L x k, ``grads`` = (dq, dk, dv), each (C, R, L, d_h)), K = W^T W
+    (C, k, k) and w = W^T 1_d (C, k, 1), both fp64. With M = sum_r D_r^T D_r (the Gram matrix of
+    D over all samples and tokens, assembled from the d_h x d_h blocks of dq, dk, dv) and
+    c_r = 1^T D_r (the token sums):
+
+        sum gx^2                          = sum_r tr(D_r K D_r^T) = sum(M * K),
+        sum_i (sum_t gx_rti)^2            = sum_r c_r K c_r^T,
+        per-token totals sum_{r,i} gx_rti = ((sum_r D_r) w)_t,
+
+    the sums :func:`moments_from_sums` needs (n_obs = R d). Each of dq, dk, dv is read three
+    times (its Gram blocks) plus twice for the sums; nothing L x d or L x k is written."""
+    C, R, L, dh = grads[0].shape
+    acc = acc_dtype(grads[0])
+    flat = [g.reshape(C, R * L, dh) for g in grads]
+    M = torch.empty((C, 3, dh, 3, dh), device=K.device, dtype=torch.float64)
+    for i in range(3):
+        for j in range(i, 3):
+            block = _gram(flat[i], flat[j]).double()
+            M[:, i, :, j] = block
+            if j != i:
+                M[:, j, :, i] = block.transpose(1, 2)
+    M = M.view(C, 3 * dh, 3 * dh)
+    sum_sq = (M * K).sum(dim=(1, 2))
+    c = torch.cat([g.sum(dim=2, dtype=acc) for g in grads], dim=2).double()         # (C, R, k)
+    sum_tt = ((c @ K) * c).sum(dim=(1, 2))
+    per_token = torch.cat([g.sum(dim=1, dtype=acc) for g in grads], dim=2).double()  # (C, L, k)
+    T = (per_token @ w).view(C, L)
     return moments_from_sums(sum_sq, sum_tt, T.sum(dim=1), T.square().sum(dim=1), R * d, L)
 
 
