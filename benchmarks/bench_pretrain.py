@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from dslm.data.loader import full_rows_first
 from dslm.model import BertConfig, BertForPreTraining
 from dslm.train.graphs import GraphedStep
 from dslm.train.optim import build_optimizer, clip_grad_norm, skip_if_nonfinite
@@ -98,7 +99,9 @@ def ours_step(config, batch, variant):
     """The engine's step (micro-step closure + optimizer-step closure), eager or as CUDA graphs
     (:class:`dslm.train.graphs.GraphedStep`, which also runs its first steps eagerly), compiled per
     layer (``ours-compiled``) or as a whole (``ours-compiled-full``; ``-ro``: with torch.compile's
-    own CUDA graphs, mode="reduce-overhead")."""
+    own CUDA graphs, mode="reduce-overhead"). The batch gets the data loader's unpadded-rows-first
+    order and hint (:func:`dslm.data.loader.full_rows_first`), as in ``dslm pretrain``."""
+    batch = full_rows_first(batch)
     graphs = "graphs" in variant
     model = PretrainingObjective(BertForPreTraining(config).cuda(), round(0.15 * batch["input_ids"].shape[1]))
     if variant.startswith("ours-compiled-full"):     # one graph for the whole forward (one for the backward)
@@ -141,7 +144,7 @@ def ours_step(config, batch, variant):
 
 def bench_ours(config, batch, variant, warmup, steps):
     model, step = ours_step(config, batch, variant)
-    return time_steps(step, warmup, steps), loss_of(model, batch)
+    return time_steps(step, warmup, steps), loss_of(model, full_rows_first(batch))
 
 
 def loss_of(model, batch):
@@ -293,8 +296,21 @@ LEARNING_DEEP_STRESS = deep_suite(("1e-3", "3e-3", "1e-2"), 600, tag="stress", c
 # not run yet: the paper's width, where megatron's std 0.02 lets every block dominate the stream
 # (~1.2B parameters per run: one run per GPU)
 LEARNING_DEEP_WIDE = deep_suite(("5e-4", "1e-3"), 1500, tag="wide", hidden=1024, heads=16, cuda_graphs=True)
+# round 5: every earlier lr (1e-3 and up) sent all three schemes to the unigram plateau within ~100
+# steps; BERT's own lr is 1e-4. Two 12-layer runs at 3e-4 show what this step budget buys a model
+# that is not deep (controls, same width and data).
+LEARNING_DEEP_LOWLR = {**deep_suite(("1e-4", "3e-4"), 2000, tag="low", cuda_graphs=True),
+                       **{f"deep12ctl_{init}_lr3e-4": dict(layers=12, hidden=256, heads=4, seq_len=128, init=init,
+                                                          ln="post", steps=2000, global_batch=64, lr=3e-4,
+                                                          warmup=0.02, cuda_graphs=True)
+                          for init in ("dslm", "megatron")}}
+# round 6: the round-5 separation (lr 1e-4) again with another seed (weights, data order, masks),
+# and DSLM between the lr where it learned (1e-4) and the one where it stalled (3e-4)
+LEARNING_DEEP_SEED2 = {**deep_suite(("1e-4",), 2000, tag="s2", cuda_graphs=True, seed=2),
+                       "deep96s2_dslm_lr2e-4": {**deep_suite(("2e-4",), 2000, cuda_graphs=True, seed=2)["deep96_dslm_lr2e-4"]}}
 SUITES = {"basic": LEARNING_RUNS, "deep": LEARNING_DEEP, "deep-long": LEARNING_DEEP_LONG,
-          "deep-stress": LEARNING_DEEP_STRESS, "deep-wide": LEARNING_DEEP_WIDE}
+          "deep-stress": LEARNING_DEEP_STRESS, "deep-wide": LEARNING_DEEP_WIDE, "deep-lowlr": LEARNING_DEEP_LOWLR,
+          "deep-seed2": LEARNING_DEEP_SEED2}
 
 
 def learning_argv(name, r, out, args):
@@ -420,13 +436,14 @@ def plot_deep(args):
     out = Path(args.out)
     plateau = unigram_plateau(args.data)
     suite = SUITES[args.suite]
-    lrs = sorted({name.split("_lr")[1] for name in suite}, key=float)
+    controls = {name: r for name, r in suite.items() if "ctl_" in name}
+    lrs = sorted({name.split("_lr")[1] for name in suite if name not in controls}, key=float)
     fig, axes = plt.subplots(2, len(lrs), figsize=(6.5 * len(lrs), 8), squeeze=False)
     colors = {"dslm": "tab:blue", "megatron": "tab:orange", "xavier": "tab:green"}
     for j, lr in enumerate(lrs):
         for init in DEEP_INITS:
-            name = next(n for n in suite if n.endswith(f"_{init}_lr{lr}"))
-            if not (out / name / "metrics.jsonl").is_file():
+            name = next((n for n in suite if n.endswith(f"_{init}_lr{lr}") and n not in controls), None)
+            if name is None or not (out / name / "metrics.jsonl").is_file():
                 continue
             rows = read_metrics(out / name, "train")
             valid = read_metrics(out / name, "valid")
@@ -437,6 +454,14 @@ def plot_deep(args):
                 if valid:
                     axes[i][j].plot([r["step"] for r in valid], [r[key] for r in valid], "o--",
                                     color=colors[init], label=f"{init} valid")
+        for name, r in controls.items():     # shallow controls: dotted, in the panels of their lr
+            if float(r["lr"]) != float(lr) or not (out / name / "metrics.jsonl").is_file():
+                continue
+            rows = read_metrics(out / name, "train")
+            init = name.split("ctl_")[1].split("_lr")[0]
+            for i, key in enumerate(("mlm_loss", "mlm_acc")):
+                axes[i][j].plot([r_["step"] for r_ in rows], [r_.get(key, float("nan")) for r_ in rows], ":",
+                                color=colors[init], label=f"{init}, {r['layers']} layers (control)")
         axes[0][j].set(title=f"96-layer Post-LN, d 256, lr {lr}: MLM loss", xlabel="step", ylabel="MLM loss")
         axes[1][j].set(title=f"lr {lr}: MLM accuracy", xlabel="step", ylabel="accuracy")
         if plateau:
