@@ -423,7 +423,10 @@ def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype == torch.float32 or a.dtype == torch.float64:
         return torch.bmm(a.transpose(1, 2), b)
     if a.is_cuda:
-        return torch.bmm(a.transpose(1, 2), b, out_dtype=torch.float32)
+        try:
+            return torch.bmm(a.transpose(1, 2), b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):     # torch < 2.8 has no out_dtype
+            pass
     return torch.bmm(a.transpose(1, 2).float(), b.float())
 
 
