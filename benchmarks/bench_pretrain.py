@@ -47,7 +47,9 @@ SIZES = {
 PEAK = 989e12
 # per-layer compile with mode="reduce-overhead" and compile + --cuda-graphs were tried and fail
 # (benchmarks/results/pretrain/throughput/h100_variants.log); they are not offered
-VARIANTS = ("hf", "ours", "ours-compiled", "ours-graphs", "ours-compiled-full", "ours-compiled-full-ro")
+# "-masked": the same step without the unpadded-rows hint (every row through the masked attention)
+VARIANTS = ("hf", "ours", "ours-compiled", "ours-graphs", "ours-compiled-full", "ours-compiled-full-ro",
+            "ours-compiled-full-ro-masked")
 
 
 def sdpa_backend(name):
@@ -100,12 +102,15 @@ def ours_step(config, batch, variant):
     (:class:`dslm.train.graphs.GraphedStep`, which also runs its first steps eagerly), compiled per
     layer (``ours-compiled``) or as a whole (``ours-compiled-full``; ``-ro``: with torch.compile's
     own CUDA graphs, mode="reduce-overhead"). The batch gets the data loader's unpadded-rows-first
-    order and hint (:func:`dslm.data.loader.full_rows_first`), as in ``dslm pretrain``."""
-    batch = full_rows_first(batch)
+    order and hint (:func:`dslm.data.loader.full_rows_first`), as in ``dslm pretrain`` (``-masked``:
+    without them)."""
+    if not variant.endswith("-masked"):
+        batch = full_rows_first(batch)
     graphs = "graphs" in variant
+    reduce_overhead = "-ro" in variant
     model = PretrainingObjective(BertForPreTraining(config).cuda(), round(0.15 * batch["input_ids"].shape[1]))
     if variant.startswith("ours-compiled-full"):     # one graph for the whole forward (one for the backward)
-        model.compile(mode="reduce-overhead" if variant.endswith("-ro") else None)
+        model.compile(mode="reduce-overhead" if reduce_overhead else None)
     elif variant == "ours-compiled":
         for layer in model.bert.layers:
             layer.compile()
@@ -135,7 +140,7 @@ def ours_step(config, batch, variant):
             graphed.optimizer_step()
     else:
         def step():
-            if variant.endswith("-ro"):     # torch.compile's CUDA graphs: a new iteration begins
+            if reduce_overhead:     # torch.compile's CUDA graphs: a new iteration begins
                 torch.compiler.cudagraph_mark_step_begin()
             micro(batch)
             optimizer_step()
@@ -144,7 +149,7 @@ def ours_step(config, batch, variant):
 
 def bench_ours(config, batch, variant, warmup, steps):
     model, step = ours_step(config, batch, variant)
-    return time_steps(step, warmup, steps), loss_of(model, full_rows_first(batch))
+    return time_steps(step, warmup, steps), loss_of(model, batch)
 
 
 def loss_of(model, batch):
