@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-from dslm.data.loader import full_rows_first
 from dslm.model import BertConfig, BertForPreTraining
 from dslm.train.graphs import GraphedStep
 from dslm.train.optim import build_optimizer, clip_grad_norm, skip_if_nonfinite
@@ -47,9 +46,7 @@ SIZES = {
 PEAK = 989e12
 # per-layer compile with mode="reduce-overhead" and compile + --cuda-graphs were tried and fail
 # (benchmarks/results/pretrain/throughput/h100_variants.log); they are not offered
-# "-masked": the same step without the unpadded-rows hint (every row through the masked attention)
-VARIANTS = ("hf", "ours", "ours-compiled", "ours-graphs", "ours-compiled-full", "ours-compiled-full-ro",
-            "ours-compiled-full-ro-masked")
+VARIANTS = ("hf", "ours", "ours-compiled", "ours-graphs", "ours-compiled-full", "ours-compiled-full-ro")
 
 
 def sdpa_backend(name):
@@ -101,16 +98,11 @@ def ours_step(config, batch, variant):
     """The engine's step (micro-step closure + optimizer-step closure), eager or as CUDA graphs
     (:class:`dslm.train.graphs.GraphedStep`, which also runs its first steps eagerly), compiled per
     layer (``ours-compiled``) or as a whole (``ours-compiled-full``; ``-ro``: with torch.compile's
-    own CUDA graphs, mode="reduce-overhead"). The batch gets the data loader's unpadded-rows-first
-    order and hint (:func:`dslm.data.loader.full_rows_first`), as in ``dslm pretrain`` (``-masked``:
-    without them)."""
-    if not variant.endswith("-masked"):
-        batch = full_rows_first(batch)
+    own CUDA graphs, mode="reduce-overhead")."""
     graphs = "graphs" in variant
-    reduce_overhead = "-ro" in variant
     model = PretrainingObjective(BertForPreTraining(config).cuda(), round(0.15 * batch["input_ids"].shape[1]))
     if variant.startswith("ours-compiled-full"):     # one graph for the whole forward (one for the backward)
-        model.compile(mode="reduce-overhead" if reduce_overhead else None)
+        model.compile(mode="reduce-overhead" if variant.endswith("-ro") else None)
     elif variant == "ours-compiled":
         for layer in model.bert.layers:
             layer.compile()
@@ -140,7 +132,7 @@ def ours_step(config, batch, variant):
             graphed.optimizer_step()
     else:
         def step():
-            if reduce_overhead:     # torch.compile's CUDA graphs: a new iteration begins
+            if variant.endswith("-ro"):     # torch.compile's CUDA graphs: a new iteration begins
                 torch.compiler.cudagraph_mark_step_begin()
             micro(batch)
             optimizer_step()

@@ -10,7 +10,8 @@
    configurations per component and extrapolated to the paper grid. The token covariances use this
    package's fused sums, so the extrapolation underestimates the reference's own code.
 4. ``--determinism``: the same seed twice gives bit-identical measurements.
-5. ``--profile``: top kernels of the sha and linear paper grids; ``--sha-sdpa``: SDPA backends for
+5. ``--profile``: top kernels of the sha and linear paper grids; ``--shapes sha``: seconds per
+   (d, d_h, L) group; ``--sha-sdpa``: SDPA backends for
    sha in priority order; ``--components``: a subset for ``--paper``.
 
 Everything lands in one JSON (``--out``); a table is printed.
@@ -18,6 +19,7 @@ Everything lands in one JSON (``--out``); a table is printed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import time
@@ -179,6 +181,21 @@ def profile(device, seed, components=("sha", "linear")):
         print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=90), flush=True)
 
 
+def shapes(device, seed, name="sha"):
+    """Seconds of one component's paper grid per group of its shape axes (where the time goes:
+    for sha it grows with d_h L^2, the attention kernels' work)."""
+    comp = comps.COMPONENTS[name]
+    warm_up([name], device, "bf16")
+    out = {}
+    for key in itertools.product(*(comp.paper[a] for a in comp.shape_axes if a != "samples")):
+        sub = dict(zip([a for a in comp.shape_axes if a != "samples"], ([v] for v in key)))
+        res = run_component(comp, resolve_grid(comp, sub), device, "bf16", seed, progress=False)
+        out[" ".join(f"{a} {v[0]}" for a, v in sub.items())] = res["seconds"]
+        print(f"shapes {name} {list(out)[-1]}: {res['seconds']:.3f} s", flush=True)
+    print(f"shapes {name} total {sum(out.values()):.2f} s", flush=True)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
@@ -190,6 +207,7 @@ def main():
     p.add_argument("--reference-style", type=int, default=0, metavar="N")
     p.add_argument("--determinism", action="store_true")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--shapes", default=None, metavar="COMPONENT", help="seconds per shape group of one component")
     p.add_argument("--sha-sdpa", default=None, metavar="B1,B2",
                    help="SDPA backends for sha in priority order (cudnn_attention, flash_attention, "
                         "efficient_attention, math); default: the package's choice")
@@ -203,6 +221,8 @@ def main():
     print(record, flush=True)
     if args.profile:
         profile(device, args.seed)
+    if args.shapes:
+        record["shapes"] = shapes(device, args.seed, args.shapes)
     if args.paper:
         record["paper"] = paper(device, args.precision, args.seed, args.components)
     if args.precision_check:

@@ -252,22 +252,6 @@ def test_loader_same_batches_for_any_workers_ranks_and_resume(dataset):
     assert len(make_loader(dataset, batch_size=8, world_size=2, num_workers=0)) == len(dataset) // 16
 
 
-def test_full_rows_first_reorders_whole_rows_and_counts_the_unpadded(dataset):
-    """The loader's unpadded-rows hint: unpadded rows first (each group in its original order),
-    every field moved with its row, the count right, through worker processes too."""
-    plain = dataset.get_batch(range(16))
-    full = plain["attention_mask"].all(dim=1)
-    assert 0 < int(full.sum()) < 16          # the fixture has both kinds of row
-    expected = torch.cat([torch.nonzero(full).squeeze(1), torch.nonzero(~full).squeeze(1)])
-    for workers in (0, 2):
-        batch = next(iter(make_loader(dataset, batch_size=16, num_workers=workers, full_rows_first=True)))
-        assert batch["full_rows"] == int(full.sum()) and isinstance(batch["full_rows"], int)
-        for key, value in plain.items():
-            assert torch.equal(batch[key], value[expected]), key
-        assert batch["attention_mask"][:batch["full_rows"]].all()
-        assert not batch["attention_mask"][batch["full_rows"]:].all(dim=1).any()
-
-
 def test_plain_dataloader_gets_the_same_samples(dataset):
     loader = torch.utils.data.DataLoader(dataset, batch_size=6, shuffle=False)
     first = next(iter(loader))

@@ -190,38 +190,6 @@ def test_padding_does_not_change_real_tokens(ln):
     assert (no_mask - alone).abs().max() > 1e-2  # the mask is what keeps them equal
 
 
-@pytest.mark.parametrize("ln", ["pre", "post"])
-def test_unpadded_rows_hint_gives_the_same_function(ln):
-    """full_rows = n (the first n rows unpadded) runs those rows without a mask and the rest with
-    it: the same outputs and gradients as masking every row, for n = 0, some and all rows; a wrong
-    hint (a padded row inside the first n) changes the outputs, so the test can see the split."""
-    config = BertConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, ln=ln, init="xavier")
-    model = BertModel(config).eval()
-    b = _batch(b=5, s=12, seed=3, pad=False)
-    mask = b["attention_mask"]
-    mask[3, 8:] = 0
-    mask[4, 5:] = 0                                   # rows 0-2 unpadded, 3-4 padded
-
-    def run(full_rows):
-        model.zero_grad()
-        out = model(b["input_ids"], b["token_type_ids"], mask, full_rows=full_rows).last_hidden_state
-        (out * mask[..., None]).square().sum().backward()
-        return out.detach() * mask[..., None], [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-    ref, ref_grads = run(None)
-    for n in (0, 3):
-        out, grads = run(n)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        for g, r in zip(grads, ref_grads):
-            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
-    unpadded = {k: v[:3] for k, v in b.items()}
-    with torch.no_grad():
-        alone = model(unpadded["input_ids"], unpadded["token_type_ids"], mask[:3], full_rows=3).last_hidden_state
-    torch.testing.assert_close(alone, ref[:3], rtol=1e-5, atol=1e-5)
-    out, _ = run(4)                                   # row 3 is padded: a wrong hint shows
-    assert (out[3] - ref[3]).abs().max() > 1e-3
-
-
 def test_mlm_gather_losses_and_counts():
     torch.manual_seed(0)
     config = BertConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, init="xavier")

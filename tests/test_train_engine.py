@@ -120,7 +120,7 @@ def test_tiny_bert_learns_and_writes_logs(data, tmp_path):
                                             log_every=5, eval_every=15, eval_iters=1))
     rows = read_metrics(out, "train")
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
-    assert rows[-1]["mlm_loss"] < rows[0]["mlm_loss"] - 0.8      # ~1 nat in 30 steps; step noise ~0.05
+    assert rows[-1]["mlm_loss"] < rows[0]["mlm_loss"] - 1.0
     assert {"mlm_acc", "binary_acc", "lr", "grad_norm", "tokens_per_s", "skipped_steps"} <= set(rows[0])
     assert [r["step"] for r in read_metrics(out, "valid")] == [15, 30] and read_metrics(out, "test")
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
@@ -321,41 +321,3 @@ def test_resuming_an_older_checkpoint_next_to_a_newer_one_is_refused(tmp_path, c
     older = ckpt_io.step_dirs(tmp_path / "checkpoints")[0]
     with pytest.raises(UsageError, match="already holds a later checkpoint .step_00000004"):
         train(SequentialToyTask(), cfg(tmp_path, steps=4, save_every=2, load=str(older)))
-
-
-def test_compiled_objective_with_a_changing_unpadded_rows_hint_compiles_a_bounded_number_of_graphs():
-    """torch.compile guards on the hint: after one sweep over every count of unpadded rows (0..B)
-    a second sweep compiles nothing new, and the first compiled at most five variants (none, one,
-    some, all but one, all: Dynamo specialises sizes 0 and 1), so a long run never hits the
-    recompile limit however its batches are padded."""
-    from dslm.model import BertForPreTraining
-    from dslm.train.pretrain import PretrainingObjective
-
-    torch.manual_seed(0)
-    model = PretrainingObjective(BertForPreTraining(BertConfig(vocab_size=97, hidden_size=32, num_layers=2,
-                                                               num_heads=4)), 4)
-    graphs = []
-
-    def count_graphs(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch.compiler.reset()
-    model.compile(backend=count_graphs)
-    B, L = 7, 16
-    ids = torch.randint(5, 97, (B, L))
-    labels = torch.full((B, L), -100)
-    labels[:, 3] = 7
-
-    def sweep():
-        for n in range(B + 1):
-            mask = torch.ones(B, L, dtype=torch.long)
-            mask[n:, L - 3:] = 0
-            loss, _ = model(ids, torch.zeros_like(ids), mask, labels, torch.zeros(B, dtype=torch.long), full_rows=n)
-            loss.backward()
-
-    sweep()
-    first = len(graphs)
-    sweep()
-    torch.compiler.reset()
-    assert 2 <= first <= 5 and len(graphs) == first

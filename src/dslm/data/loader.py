@@ -5,10 +5,6 @@ The batch of global step ``s`` is samples ``[s * G, (s + 1) * G)`` of the datase
 batch_size)``. The global batch therefore does not depend on the number of ranks or workers, and
 resuming at ``start_step`` continues exactly where the run stopped. Whole batches are built in the
 background workers (one vectorised call per batch), not sample by sample.
-
-With ``full_rows_first`` each batch lists its unpadded rows first and says how many there are
-(``full_rows``, a Python int known without reading the device), so the model can run attention
-without a padding mask on those rows (:class:`dslm.model.bert.SelfAttention`).
 """
 from __future__ import annotations
 
@@ -17,31 +13,13 @@ import torch
 from dslm.errors import UsageError
 
 
-FULL_ROWS = "full_rows"
-
-
-def full_rows_first(batch: dict[str, torch.Tensor]) -> dict:
-    """The same rows with the unpadded ones (``attention_mask`` all ones) first, both groups in their
-    original order, plus ``batch["full_rows"]`` = how many rows are unpadded. Every [B, ...] field
-    moves with its row; the losses are sums over rows, so only the order changes."""
-    mask = batch["attention_mask"]
-    full = mask.reshape(mask.shape[0], -1).all(dim=1)
-    order = torch.argsort(~full, stable=True)
-    out = {k: v.index_select(0, order) for k, v in batch.items()}
-    out[FULL_ROWS] = int(full.sum())
-    return out
-
-
 class StepBatches(torch.utils.data.Dataset):
-    """Item ``k`` = this rank's batch of global step ``start_step + k`` (rows reordered by
-    :func:`full_rows_first` when ``full_first``)."""
+    """Item ``k`` = this rank's batch of global step ``start_step + k``."""
 
-    def __init__(self, dataset, batch_size: int, rank: int, world_size: int, start_step: int, num_steps: int,
-                 full_first: bool = False):
+    def __init__(self, dataset, batch_size: int, rank: int, world_size: int, start_step: int, num_steps: int):
         self.dataset, self.batch_size = dataset, batch_size
         self.rank, self.world_size = rank, world_size
         self.start_step, self.num_steps = start_step, num_steps
-        self.full_first = full_first
 
     def __len__(self) -> int:
         return self.num_steps - self.start_step
@@ -50,18 +28,17 @@ class StepBatches(torch.utils.data.Dataset):
         if not 0 <= k < len(self):
             raise IndexError(k)
         first = ((self.start_step + k) * self.world_size + self.rank) * self.batch_size
-        batch = self.dataset.get_batch(range(first, first + self.batch_size))
-        return full_rows_first(batch) if self.full_first else batch
+        return self.dataset.get_batch(range(first, first + self.batch_size))
 
 
 def make_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                 start_step: int = 0, num_steps: int | None = None, pin_memory: bool = False,
-                prefetch_factor: int = 4, full_rows_first: bool = False) -> torch.utils.data.DataLoader:
+                prefetch_factor: int = 4) -> torch.utils.data.DataLoader:
     """A DataLoader yielding this rank's batches (dicts of [batch_size, ...] tensors) for global steps
     ``start_step .. num_steps - 1``. ``dataset`` is anything with ``get_batch(indices)`` and ``len``
     (a :class:`~dslm.data.PretrainingDataset`); ``num_steps`` defaults to one epoch,
     ``len(dataset) // (batch_size * world_size)``. ``num_workers`` background processes build batches;
-    the batches are identical for any worker count. ``full_rows_first``: see :func:`full_rows_first`."""
+    the batches are identical for any worker count."""
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise UsageError(f"batch_size {batch_size}, rank {rank}, world_size {world_size}: need batch_size >= 1 "
                          "and 0 <= rank < world_size")
@@ -69,7 +46,7 @@ def make_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, nu
         num_steps = len(dataset) // (batch_size * world_size)
     if not 0 <= start_step <= num_steps:
         raise UsageError(f"start_step {start_step}: must be between 0 and num_steps {num_steps}")
-    batches = StepBatches(dataset, batch_size, rank, world_size, start_step, num_steps, full_rows_first)
+    batches = StepBatches(dataset, batch_size, rank, world_size, start_step, num_steps)
     return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers,
                                        pin_memory=pin_memory,
                                        prefetch_factor=prefetch_factor if num_workers > 0 else None)

@@ -76,22 +76,11 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(d, d)
         self.dropout_p = config.attention_dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, full_rows: int | None = None) -> torch.Tensor:
-        """``mask`` (B, 1, 1, L) bool: the keys each row may see. ``full_rows``: the first rows of the
-        batch have no padding (a hint from the data loader, :func:`dslm.data.loader.full_rows_first`):
-        they run without a mask, which selects faster SDPA kernels (cuDNN on an H100: 0.49 against
-        0.64 ms for BERT-base's forward + backward with dropout); the result is the same function."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        p = self.dropout_p if self.training else 0.0
-        if mask is None or not full_rows:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        elif full_rows >= b:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        else:
-            n = full_rows
-            y = torch.cat([F.scaled_dot_product_attention(q[:n], k[:n], v[:n], dropout_p=p),
-                           F.scaled_dot_product_attention(q[n:], k[n:], v[n:], attn_mask=mask[n:], dropout_p=p)])
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, s, d))
 
 
@@ -127,12 +116,12 @@ class TransformerLayer(nn.Module):
             return torch.add(x, block, alpha=self.beta) if self.beta != 1.0 else x + block
         return torch.add(x * self.lam, block, alpha=self.beta)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, full_rows: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.pre_ln:
-            h = self._residual(x, self.attention(self.ln1(x), mask, full_rows))
+            h = self._residual(x, self.attention(self.ln1(x), mask))
             return self._residual(h, self.ffn(self.ln2(h)))
         a = self.ln1(x)
-        h = self._residual(a, self.attention(a, mask, full_rows))
+        h = self._residual(a, self.attention(a, mask))
         b = self.ln2(h)
         return self._residual(b, self.ffn(b))
 
@@ -270,15 +259,14 @@ class BertModel(nn.Module, _Pretrained):
             init_weights(self, config)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
-                output_hidden_states: bool = False, full_rows: int | None = None) -> BertOutput:
-        """``full_rows``: the first rows of the batch have no padding (see :class:`SelfAttention`)."""
+                output_hidden_states: bool = False) -> BertOutput:
         mask = None
         if attention_mask is not None:  # (B, 1, 1, L): every query sees the real keys only
             mask = attention_mask[:, None, None, :].to(torch.bool)
         x = self.embeddings(input_ids, token_type_ids)
         hidden = [x] if output_hidden_states else None
         for layer in self.layers:
-            x = layer(x, mask, full_rows)
+            x = layer(x, mask)
             if hidden is not None:
                 hidden.append(x)
         x = self.final_ln(x)

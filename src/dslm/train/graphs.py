@@ -36,7 +36,6 @@ from typing import Callable
 
 import torch
 
-from dslm.data.loader import FULL_ROWS
 from dslm.errors import UsageError
 
 
@@ -84,9 +83,6 @@ class GraphedStep:
 
     # ----------------------------------------------------------------------------- per step
     def micro_step(self, batch: dict) -> None:
-        # the unpadded-rows hint picks attention kernels per batch; a graph replays fixed kernels, so
-        # it runs every row through the masked path (the same function)
-        batch = {k: v for k, v in batch.items() if k != FULL_ROWS}
         if self.static_batch is None:
             if not all(torch.is_tensor(v) for v in batch.values()):
                 raise UsageError("--cuda-graphs needs batches made only of tensors")

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dslm.data.loader import FULL_ROWS
 from dslm.errors import UsageError
 from dslm.model import BertConfig, BertForPreTraining
 from dslm.model.bert import IGNORE_INDEX
@@ -70,9 +69,8 @@ class PretrainingObjective(nn.Module):
     def save_pretrained(self, directory, state: dict | None = None):
         return self.pretrained.save_pretrained(directory, state)
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None, mlm_labels=None, binary_labels=None,
-                full_rows: int | None = None):
-        enc = self.bert(input_ids, token_type_ids, attention_mask, full_rows=full_rows)
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, mlm_labels=None, binary_labels=None):
+        enc = self.bert(input_ids, token_type_ids, attention_mask)
         return self.head_loss(enc.last_hidden_state, enc.pooled_output, mlm_labels, binary_labels)
 
     def _head_loss(self, seq, pooled, mlm_labels, binary_labels):
@@ -161,7 +159,7 @@ class PretrainTask:
 
     def loss_and_metrics(self, model, batch):
         return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                     batch["mlm_labels"], batch["binary_labels"], full_rows=batch.get(FULL_ROWS))
+                     batch["mlm_labels"], batch["binary_labels"])
 
     def summarize(self, sums):
         return summarize_pretraining(sums)
@@ -173,7 +171,7 @@ class PretrainTask:
             one_pass = max(1, len(dataset) // (batch_size * world_size))
             num_steps = one_pass if num_steps is None else min(num_steps, one_pass)
         return make_loader(dataset, batch_size, rank, world_size, self.num_workers, start_step, num_steps,
-                           pin_memory=self.pin_memory, full_rows_first=True)
+                           pin_memory=self.pin_memory)
 
     def flops_per_token(self, model) -> float:
         return bert_flops_per_token(self.config, self.seq_len, self.max_predictions / self.seq_len)
