@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import dslm.sim.components as comps
-from dslm.sim.runner import resolve_device, resolve_grid, run_component, warm_up
+from dslm.sim.runner import AXIS_KINDS, resolve_device, resolve_grid, run_component, warm_up
 
 PRECISION_SUBSET = {
     "linear": {"d_in": [316], "d_out": [316, 1000], "L": [100]},
@@ -182,13 +182,15 @@ def profile(device, seed, components=("sha", "linear")):
 
 
 def shapes(device, seed, name="sha"):
-    """Seconds of one component's paper grid per group of its shape axes (where the time goes:
-    for sha it grows with d_h L^2, the attention kernels' work)."""
+    """Seconds of one component's paper grid per combination of its size axes (sha: d, d_h, L;
+    every other axis at all its paper values): where the time goes (for sha it grows with
+    d_h L^2, the attention kernels' work)."""
     comp = comps.COMPONENTS[name]
     warm_up([name], device, "bf16")
+    sizes = [a for a in comp.shape_axes if AXIS_KINDS[a] in ("size", "tokens") and a != "samples"]
     out = {}
-    for key in itertools.product(*(comp.paper[a] for a in comp.shape_axes if a != "samples")):
-        sub = dict(zip([a for a in comp.shape_axes if a != "samples"], ([v] for v in key)))
+    for key in itertools.product(*(comp.paper[a] for a in sizes)):
+        sub = dict(zip(sizes, ([v] for v in key)))
         res = run_component(comp, resolve_grid(comp, sub), device, "bf16", seed, progress=False)
         out[" ".join(f"{a} {v[0]}" for a, v in sub.items())] = res["seconds"]
         print(f"shapes {name} {list(out)[-1]}: {res['seconds']:.3f} s", flush=True)

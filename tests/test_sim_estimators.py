@@ -187,6 +187,22 @@ def test_gram_gradient_moments_equal_direct_moments_exactly(factor):
     _assert_moments_equal(_gram_grad_moments(grads, K, w, d), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gram_gradient_moments_from_low_precision_gradients(dtype):
+    """The route the simulation takes: dq, dk, dv in fp32 or bf16 (non-contiguous, as autograd may
+    return them), Gram blocks accumulated in fp32, against the moments of the explicit product of
+    the same (rounded) gradients with W in fp64."""
+    torch.manual_seed(8)
+    C, R, L, d, dh = 2, 5, 7, 9, 3
+    W = _sha_weights(C, d, 3 * dh)
+    D = (torch.randn(C, R, L, 3 * dh, dtype=F64) + torch.randn(C, R, 1, 3 * dh, dtype=F64)).to(dtype)
+    grads = D.view(C, R, L, 3, dh).unbind(dim=3)          # strided views of one tensor
+    expected = token_moments(D.double() @ W.transpose(1, 2)[:, None])
+    got = _gram_grad_moments(grads, W.transpose(1, 2) @ W, W.transpose(1, 2) @ torch.ones(C, d, 1, dtype=F64), d)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=2e-6, atol=2e-6 * float(e.abs().max()))
+
+
 def _wishart_z(S, M, n):
     """z-scores of a sample second-moment matrix S (n iid rows, known mean) against its expectation M:
     Var(S_ij) = (M_ii M_jj + M_ij^2) / n."""

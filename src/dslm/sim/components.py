@@ -419,13 +419,20 @@ def _effective_wt(Wd, Lc, Fe, V):
 
 def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a^T b per config for (C, n, p) and (C, n, q) tensors, accumulated and returned in fp32
-    (bf16 inputs on CUDA: one GEMM with an fp32 output, no rounding of the sums to bf16)."""
+    (bf16 inputs on CUDA: one GEMM with an fp32 output, no rounding of the sums to bf16). fp32
+    inputs are multiplied in full fp32 even under ``--precision tf32``: the Gram matrix is part of
+    the measurement, not of the simulated layer."""
     if a.dtype == torch.float32 or a.dtype == torch.float64:
-        return torch.bmm(a.transpose(1, 2), b)
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return torch.bmm(a.transpose(1, 2), b)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
     if a.is_cuda:
         try:
             return torch.bmm(a.transpose(1, 2), b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):     # torch < 2.8 has no out_dtype
+        except (TypeError, NotImplementedError):     # a torch without bmm's out_dtype
             pass
     return torch.bmm(a.transpose(1, 2).float(), b.float())
 
@@ -442,7 +449,8 @@ def _gram_grad_moments(grads, K, w, d):
         per-token totals sum_{r,i} gx_rti = ((sum_r D_r) w)_t,
 
     the sums :func:`moments_from_sums` needs (n_obs = R d). Each of dq, dk, dv is read three
-    times (its Gram blocks) plus twice for the sums; nothing L x d or L x k is written."""
+    times (its Gram blocks) plus twice for the sums; no L x d or L x 3 d_h tensor is written (a
+    gradient that autograd returns non-contiguous is copied once, L x d_h)."""
     C, R, L, dh = grads[0].shape
     acc = acc_dtype(grads[0])
     flat = [g.reshape(C, R * L, dh) for g in grads]
@@ -463,8 +471,11 @@ def _gram_grad_moments(grads, K, w, d):
 
 
 def _sha_floats(S):
-    """Peak per config: the projected path holds 3 d_h-wide tensors only (U or QKV, dq/dk/dv, dQKV,
-    D F), the direct one also x and gx (d wide); both hold y, G and the CPU attention matrices."""
+    """Peak per config: the projected path holds 3 d_h-wide tensors only (U or QKV, dq/dk/dv), the
+    direct one also x (d wide, until QKV is formed); both hold y, G and the CPU attention matrices.
+    The estimate predates the Gram moments (which dropped a stacked dQKV and the d-wide gx) and is
+    kept as it is: a smaller one would change the chunking, hence the random stream and every
+    recorded result, for no measured gain."""
     R, L, d, dh = S["samples"], S["L"], S["d"], S["d_h"]
     wide = 0 if 3 * dh < d else 3 * d
     return R * L * (wide + 15 * dh + 3 * L) + 6 * d * dh + 2 * R * d

@@ -142,8 +142,10 @@ def default_budget_bytes(device: torch.device) -> int:
 def warm_up(names, device: torch.device, precision: str) -> float:
     """Start the GPU libraries before any component is timed: one configuration of each named
     component (the first value of every paper axis) runs untimed, which creates the CUDA context
-    and the cuBLAS / cuSOLVER / cuRAND handles and loads the GEMM, attention and reduction kernels
-    (~6 s on an H100, once per process). Returns its seconds (0 on a CPU, where nothing is done).
+    and the cuBLAS / cuSOLVER / cuRAND handles and loads the kernels that configuration uses
+    (~6-7 s on an H100, once per process); kernels for other shapes (another head size, sha's
+    direct path) still load lazily inside the timed runs, milliseconds each. Returns its seconds
+    (0 on a CPU, where nothing is done).
     :func:`run_component` reseeds, so the results do not depend on it."""
     if device.type != "cuda":
         return 0.0
