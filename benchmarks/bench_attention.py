@@ -5,8 +5,16 @@ any mask, nested (jagged) tensors, and varlen attention without dropout where th
 Prints one JSON object (``fill`` = fraction of real tokens); needs a GPU. The H100 result is
 ``results/pretrain/throughput/h100_attention_kernels.json`` (why BERT-base keeps the masked path:
 docs/train.md)."""
-import json, sys, torch, torch.nn.functional as F
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+if not torch.cuda.is_available():
+    raise SystemExit("bench_attention.py needs a CUDA GPU")
 torch.manual_seed(0)
 B, H, L, D, p = 32, 12, 512, 64, 0.1
 dev = "cuda"

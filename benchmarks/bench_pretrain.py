@@ -303,8 +303,9 @@ LEARNING_DEEP_LOWLR = {**deep_suite(("1e-4", "3e-4"), 2000, tag="low", cuda_grap
                           for init in ("dslm", "megatron")}}
 # round 6: the round-5 separation (lr 1e-4) again with another seed (weights, data order, masks),
 # and DSLM between the lr where it learned (1e-4) and the one where it stalled (3e-4)
-LEARNING_DEEP_SEED2 = {**deep_suite(("1e-4",), 2000, tag="s2", cuda_graphs=True, seed=2),
-                       "deep96s2_dslm_lr2e-4": {**deep_suite(("2e-4",), 2000, cuda_graphs=True, seed=2)["deep96_dslm_lr2e-4"]}}
+LEARNING_DEEP_SEED2 = {name: run for name, run in deep_suite(("1e-4", "2e-4"), 2000, tag="s2", cuda_graphs=True,
+                                                             seed=2).items()
+                       if name.endswith("lr1e-4") or "_dslm_" in name}
 SUITES = {"basic": LEARNING_RUNS, "deep": LEARNING_DEEP, "deep-long": LEARNING_DEEP_LONG,
           "deep-stress": LEARNING_DEEP_STRESS, "deep-wide": LEARNING_DEEP_WIDE, "deep-lowlr": LEARNING_DEEP_LOWLR,
           "deep-seed2": LEARNING_DEEP_SEED2}
