@@ -9,8 +9,11 @@
    covariance, one configuration at a time with a host sync after each) timed on N random
    configurations per component and extrapolated to the paper grid. The token covariances use this
    package's fused sums, so the extrapolation underestimates the reference's own code.
-4. ``--determinism``: the same seed twice gives bit-identical measurements.
-5. ``--profile``: top kernels of the sha and linear paper grids; ``--shapes sha``: seconds per
+4. ``--determinism``: the same seed twice gives bit-identical measurements (sha, and the fused
+   LayerNorm kernel when fused kernels are on).
+5. ``--fused-check``: the LayerNorm and dropout paper grids through the fused Triton kernel and
+   through the PyTorch path, seconds and percentiles side by side.
+6. ``--profile``: top kernels of the sha and linear paper grids; ``--shapes sha``: seconds per
    (d, d_h, L) group; ``--sha-sdpa``: SDPA backends for
    sha in priority order; ``--components``: a subset for ``--paper``.
 
@@ -28,7 +31,8 @@ import numpy as np
 import torch
 
 import dslm.sim.components as comps
-from dslm.sim.runner import AXIS_KINDS, resolve_device, resolve_grid, run_component, warm_up
+from dslm.sim.runner import (AXIS_KINDS, FUSED_MODES, resolve_device, resolve_fused, resolve_grid,
+                             run_component, warm_up)
 
 PRECISION_SUBSET = {
     "linear": {"d_in": [316], "d_out": [316, 1000], "L": [100]},
@@ -36,21 +40,41 @@ PRECISION_SUBSET = {
 }
 
 
-def paper(device, precision, seed, names=None):
+def paper(device, precision, seed, names=None, fused=False):
     """The paper grids as ``dslm simulate --grid paper`` runs them: CUDA start-up first (untimed
     in the component seconds, reported on its own), then every component once."""
     names = [n for n in comps.COMPONENTS if not names or n in names]
-    startup = warm_up(names, device, precision)
-    print(f"CUDA start-up {startup:.2f} s", flush=True)
+    startup = warm_up(names, device, precision, fused)
+    print(f"CUDA start-up {startup:.2f} s (fused kernels {'on' if fused else 'off'})", flush=True)
     out = {}
     for name in names:
         comp = comps.COMPONENTS[name]
-        res = run_component(comp, resolve_grid(comp, "paper"), device, precision, seed, progress=False)
+        res = run_component(comp, resolve_grid(comp, "paper"), device, precision, seed, progress=False,
+                            fused=fused)
         out[name] = {"seconds": res["seconds"], "configs": res["configs"], "percentiles": res["percentiles"]}
         print(f"paper {name:9s} {res['configs']:6d} configs {res['seconds']:7.2f} s", flush=True)
     total = sum(v["seconds"] for v in out.values())
     print(f"paper total {total:.2f} s ({precision})", flush=True)
-    return {"precision": precision, "total_seconds": total, "startup_seconds": startup, "components": out}
+    return {"precision": precision, "fused": fused, "total_seconds": total, "startup_seconds": startup,
+            "components": out}
+
+
+def fused_check(device, seed):
+    """LayerNorm and dropout paper grids through the fused kernel and the PyTorch path (each after
+    a warm-up), to show that the fused kernel gives the same percentiles."""
+    out = {}
+    for name in ("layernorm", "dropout"):
+        comp = comps.COMPONENTS[name]
+        out[name] = {}
+        for fused in (True, False):
+            warm_up([name], device, "fp32", fused)
+            res = run_component(comp, resolve_grid(comp, "paper"), device, "fp32", seed, progress=False,
+                                fused=fused)
+            label = "fused" if fused else "pytorch"
+            out[name][label] = {"seconds": res["seconds"], "percentiles": res["percentiles"]}
+            rows = "  ".join(f"{k} {v[0]:.1f}/{v[1]:.1f}/{v[2]:.1f}" for k, v in res["percentiles"].items())
+            print(f"fused-check {name} {label}: {res['seconds']:.2f} s  {rows}", flush=True)
+    return out
 
 
 def precision_check(device, seed):
@@ -153,15 +177,20 @@ def reference_style(device, n_per_component, seed):
     return {"total_extrapolated_seconds": total, "components": out}
 
 
-def determinism(device, seed):
-    comp = comps.COMPONENTS["sha"]
-    grid = resolve_grid(comp, {"d": [100], "d_h": [32], "L": [300], "r_g": [0.0]})
-    a = run_component(comp, grid, device, "bf16", seed, progress=False)
-    b = run_component(comp, grid, device, "bf16", seed, progress=False)
-    same = all(np.array_equal(np.array(a["columns"]["measured"][k], dtype=float),
-                              np.array(b["columns"]["measured"][k], dtype=float)) for k in a["columns"]["measured"])
-    print(f"determinism (sha subset, twice, seed {seed}): identical = {same}", flush=True)
-    return {"identical": same}
+def determinism(device, seed, fused=False):
+    subsets = {"sha": {"d": [100], "d_h": [32], "L": [300], "r_g": [0.0]}}
+    if fused:
+        subsets["layernorm"] = {"d": [316], "L": [1000]}
+    out = {}
+    for name, sub in subsets.items():
+        comp = comps.COMPONENTS[name]
+        grid = resolve_grid(comp, sub)
+        a, b = (run_component(comp, grid, device, "bf16", seed, progress=False, fused=fused) for _ in range(2))
+        out[name] = all(np.array_equal(np.array(a["columns"]["measured"][k], dtype=float),
+                                       np.array(b["columns"]["measured"][k], dtype=float))
+                        for k in a["columns"]["measured"])
+        print(f"determinism ({name} subset, twice, seed {seed}): identical = {out[name]}", flush=True)
+    return {"identical": all(out.values()), "components": out}
 
 
 def profile(device, seed, components=("sha", "linear")):
@@ -208,6 +237,9 @@ def main():
     p.add_argument("--precision-check", action="store_true")
     p.add_argument("--reference-style", type=int, default=0, metavar="N")
     p.add_argument("--determinism", action="store_true")
+    p.add_argument("--fused", choices=FUSED_MODES, default="auto",
+                   help="fused Triton kernels for layernorm and dropout (as dslm simulate --fused)")
+    p.add_argument("--fused-check", action="store_true")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--shapes", default=None, metavar="COMPONENT", help="seconds per shape group of one component")
     p.add_argument("--sha-sdpa", default=None, metavar="B1,B2",
@@ -218,19 +250,22 @@ def main():
     if args.sha_sdpa:
         comps.SHA_SDPA = tuple(args.sha_sdpa.split(","))
     device = resolve_device(args.device)
+    fused = resolve_fused(args.fused, device)
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "sha_sdpa": comps.SHA_SDPA}
+              "torch": torch.__version__, "sha_sdpa": comps.SHA_SDPA, "fused": fused}
     print(record, flush=True)
     if args.profile:
         profile(device, args.seed)
     if args.shapes:
         record["shapes"] = shapes(device, args.seed, args.shapes)
     if args.paper:
-        record["paper"] = paper(device, args.precision, args.seed, args.components)
+        record["paper"] = paper(device, args.precision, args.seed, args.components, fused)
+    if args.fused_check:
+        record["fused_check"] = fused_check(device, args.seed)
     if args.precision_check:
         record["precision_check"] = precision_check(device, args.seed)
     if args.determinism:
-        record["determinism"] = determinism(device, args.seed)
+        record["determinism"] = determinism(device, args.seed, fused)
     if args.reference_style:
         record["reference_style"] = reference_style(device, args.reference_style, args.seed)
         if "paper" in record:

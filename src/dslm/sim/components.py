@@ -54,6 +54,7 @@ class Component:
     rows: tuple[Row, ...]
     floats_per_config: Callable        # S -> peak number of float32 values one config needs
     uses_matmul: bool = False          # precision flag applies: tf32 matmuls, or bf16 tensors
+    fused: Callable | None = None      # the same simulation as one Triton kernel (dslm.sim.fused)
 
     @property
     def axes(self) -> tuple[str, ...]:
@@ -76,19 +77,36 @@ def _measure(y, gx, shift: bool = False, feature_cov: bool = False) -> dict:
     (the mean gets c back), so this only protects fp32 accuracy. ``feature_cov``: also the mean
     off-diagonal covariance between features (LayerNorm), from the same partial sums."""
     c = y[:, :, :1].mean(dim=(1, 2, 3), dtype=torch.float32) if shift else None
-    if y.shape[-1] == 1 and not feature_cov:    # pointwise components: rows of one feature
-        mean, var, cov = token_moments(y if c is None else y - c.view(-1, 1, 1, 1))
-        rows = None
-    else:
-        rows = row_col_sums(y, c)
-        mean, var, cov = moments_from_rows(*rows)
-    if c is not None:
-        mean = mean + c.double()
+    if y.shape[-1] > 1 or feature_cov:
+        return _row_moments(row_col_sums(y, c), row_col_sums(gx), c, feature_cov)
+    mean, var, cov = token_moments(y if c is None else y - c.view(-1, 1, 1, 1))   # rows of one feature
     _, gvar, gcov = token_moments(gx)
-    out = {"mean": mean, "var": var, "cov": cov, "grad_var": gvar, "grad_cov": gcov}
+    return {"mean": mean + (0 if c is None else c.double()), "var": var, "cov": cov,
+            "grad_var": gvar, "grad_cov": gcov}
+
+
+def _row_moments(rows_y, rows_gx, shift=None, feature_cov: bool = False) -> dict:
+    """The moments of :func:`_measure` from the (s, q, t) partial sums of y - shift and of gx
+    (:func:`row_col_sums` or the fused kernel's); ``shift`` a (C,) tensor or None."""
+    mean, var, cov = moments_from_rows(*rows_y)
+    _, gvar, gcov = moments_from_rows(*rows_gx)
+    out = {"mean": mean + (0 if shift is None else shift.double()), "var": var, "cov": cov,
+           "grad_var": gvar, "grad_cov": gcov}
     if feature_cov:
-        out["feature_cov"] = moments_from_rows(*rows, "features")[2]
+        out["feature_cov"] = moments_from_rows(*rows_y, "features")[2]
     return out
+
+
+def _fused_rows(op_name: str, feature_cov: bool = False, shift_by_mean: bool = False):
+    """The fused-kernel simulation of a row-wise component (:func:`dslm.sim.fused.row_sums`):
+    the same moments as its PyTorch path, from partial sums written by one Triton kernel."""
+    def sim(P, S, device, dtype):
+        from dslm.sim import fused
+
+        rows_y, rows_gx = fused.row_sums(getattr(fused, op_name), P, S, device)
+        shift = device_columns([P["mu"]], device, torch.float64)[0] if shift_by_mean else None
+        return _row_moments(rows_y, rows_gx, shift, feature_cov)
+    return sim
 
 
 def _vjp(fn, x, G_shape, P, device):
@@ -235,6 +253,7 @@ LAYERNORM = Component(
         Row("g cov", "grad_cov", "grad_cov", "grad_var"),
     ),
     floats_per_config=lambda S: 10 * S["samples"] * S["L"] * S["d"],
+    fused=_fused_rows("LAYERNORM", feature_cov=True),
 )
 
 # ------------------------------------------------------------------------------ dropout
@@ -262,6 +281,7 @@ DROPOUT = Component(
     predict=_pred_dropout,
     rows=STANDARD_ROWS,
     floats_per_config=lambda S: 10 * S["samples"] * S["L"] * S["d"],
+    fused=_fused_rows("DROPOUT", shift_by_mean=True),
 )
 
 # ------------------------------------------------------------------------------ softmax

@@ -31,6 +31,7 @@ AXIS_KINDS = {
 }
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 GRIDS = ("quick", "paper")
+FUSED_MODES = ("auto", "on", "off")
 
 
 def _check_value(component: str, axis: str, v):
@@ -113,6 +114,24 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def resolve_fused(mode: str, device: torch.device) -> bool:
+    """Whether LayerNorm and dropout run as fused Triton kernels (:mod:`dslm.sim.fused`).
+    ``auto``: on CUDA when Triton is installed (it ships with PyTorch's CUDA wheels); ``on``
+    insists (CUDA and Triton required); ``off``: the PyTorch path everywhere."""
+    import importlib.util
+
+    have_triton = importlib.util.find_spec("triton") is not None
+    if mode == "auto":
+        return device.type == "cuda" and have_triton
+    if mode == "on":
+        if device.type != "cuda":
+            raise UsageError("--fused on needs --device cuda (the fused kernels are Triton GPU kernels)")
+        if not have_triton:
+            raise UsageError("--fused on needs the triton package (pip install triton)")
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def _kernel_settings(component: Component, precision: str):
     """TF32 matmuls where asked (matmul components only), and deterministic kernels (attention
@@ -139,13 +158,15 @@ def default_budget_bytes(device: torch.device) -> int:
     return (16 if device.type == "cuda" else 3) * 2 ** 30
 
 
-def warm_up(names, device: torch.device, precision: str) -> float:
+def warm_up(names, device: torch.device, precision: str, fused: bool = False) -> float:
     """Start the GPU libraries before any component is timed: one configuration of each named
     component (the first value of every paper axis) runs untimed, which creates the CUDA context
     and the cuBLAS / cuSOLVER / cuRAND handles and loads the kernels that configuration uses
     (~6-7 s on an H100, once per process); kernels for other shapes (another head size, sha's
-    direct path) still load lazily inside the timed runs, milliseconds each. Returns its seconds
-    (0 on a CPU, where nothing is done).
+    direct path) still load lazily inside the timed runs, milliseconds each. With ``fused``, the
+    Triton kernels are compiled here too, one per row width of the paper grids (a compiled kernel
+    is cached on disk, so later processes load it). Returns its seconds (0 on a CPU, where
+    nothing is done).
     :func:`run_component` reseeds, so the results do not depend on it."""
     if device.type != "cuda":
         return 0.0
@@ -153,15 +174,20 @@ def warm_up(names, device: torch.device, precision: str) -> float:
     for name in names:
         comp = COMPONENTS[name]
         first = {axis: values[:1] for axis, values in comp.paper.items()}
-        run_component(comp, resolve_grid(comp, first), device, precision, progress=False)
+        if fused and comp.fused is not None:      # one config per row width: one Triton compile each
+            first["d"] = comp.paper["d"]
+        run_component(comp, resolve_grid(comp, first), device, precision, progress=False, fused=fused)
     torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
 def run_component(component: Component, grid: dict, device: torch.device, precision: str = "fp32",
-                  seed: int = 0, budget_bytes: int | None = None, progress: bool = True) -> dict:
+                  seed: int = 0, budget_bytes: int | None = None, progress: bool = True,
+                  fused: bool = False) -> dict:
     """Simulate every configuration of ``grid`` and compare with the theory. Returns the result
-    record (grid, configs, seconds, percentile table and per-config columns)."""
+    record (grid, configs, seconds, percentile table and per-config columns). ``fused``: run a
+    component that has a fused Triton kernel through it (:func:`resolve_fused`); rows wider than
+    the kernel's register block take the PyTorch path."""
     budget = budget_bytes or default_budget_bytes(device)
     axes = list(grid)
     configs = list(itertools.product(*grid.values()))
@@ -179,12 +205,18 @@ def run_component(component: Component, grid: dict, device: torch.device, precis
     bar = tqdm(total=n, desc=f"{component.name:9s}", unit="cfg", disable=not progress, leave=False)
     for key, idx in groups.items():
         S = dict(zip(component.shape_axes, key))
-        per_chunk = max(1, int(budget // (4 * component.floats_per_config(S))))
+        simulate, floats = component.simulate, component.floats_per_config
+        if fused and component.fused is not None:
+            from dslm.sim import fused as kernels
+
+            if kernels.fits(S["d"]):
+                simulate, floats = component.fused, kernels.floats_per_config
+        per_chunk = max(1, int(budget // (4 * floats(S))))
         for s in range(0, len(idx), per_chunk):
             sel = idx[s:s + per_chunk]
             P = {a: columns[a][sel] for a in scalar_axes}
             with _kernel_settings(component, precision):
-                out = component.simulate(P, S, device, dtype)
+                out = simulate(P, S, device, dtype)
             order.extend(sel)
             chunks.append({k: v.detach().double() for k, v in out.items()})
             bar.update(len(sel))
@@ -208,6 +240,7 @@ def run_component(component: Component, grid: dict, device: torch.device, precis
         "grid": grid,
         "configs": n,
         "seconds": seconds,
+        "fused": bool(fused and component.fused is not None),
         "percentiles": table,
         "columns": {
             "params": {a: columns[a].tolist() for a in axes},
