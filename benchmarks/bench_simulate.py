@@ -12,7 +12,8 @@
 4. ``--determinism``: the same seed twice gives bit-identical measurements (sha, and the fused
    LayerNorm kernel when fused kernels are on).
 5. ``--fused-check``: the LayerNorm and dropout paper grids through the fused Triton kernel and
-   through the PyTorch path, seconds and percentiles side by side.
+   through the PyTorch path, seconds and percentiles side by side; ``--fused-tune``: the fused
+   kernel's seconds on those grids per block size and warp count.
 6. ``--profile``: top kernels of the sha and linear paper grids; ``--shapes sha``: seconds per
    (d, d_h, L) group; ``--sha-sdpa``: SDPA backends for
    sha in priority order; ``--components``: a subset for ``--paper``.
@@ -177,6 +178,26 @@ def reference_style(device, n_per_component, seed):
     return {"total_extrapolated_seconds": total, "components": out}
 
 
+def fused_tune(device, seed, variants=((512, 4), (1024, 2), (1024, 4), (1024, 8), (2048, 4))):
+    """Seconds of the fused LayerNorm and dropout paper grids per (elements per block, warps)."""
+    from dslm.sim import fused as kernels
+
+    defaults = kernels.ELEMENTS_PER_BLOCK, kernels.NUM_WARPS
+    out = {}
+    try:
+        for elements, warps in variants:
+            kernels.ELEMENTS_PER_BLOCK, kernels.NUM_WARPS = elements, warps
+            warm_up(["layernorm", "dropout"], device, "fp32", True)
+            key = f"{elements} elements, {warps} warps"
+            out[key] = {name: run_component(comps.COMPONENTS[name], resolve_grid(comps.COMPONENTS[name], "paper"),
+                                            device, "fp32", seed, progress=False, fused=True)["seconds"]
+                        for name in ("layernorm", "dropout")}
+            print(f"fused-tune {key}: " + "  ".join(f"{k} {v:.3f} s" for k, v in out[key].items()), flush=True)
+    finally:
+        kernels.ELEMENTS_PER_BLOCK, kernels.NUM_WARPS = defaults
+    return out
+
+
 def determinism(device, seed, fused=False):
     subsets = {"sha": {"d": [100], "d_h": [32], "L": [300], "r_g": [0.0]}}
     if fused:
@@ -240,6 +261,7 @@ def main():
     p.add_argument("--fused", choices=FUSED_MODES, default="auto",
                    help="fused Triton kernels for layernorm and dropout (as dslm simulate --fused)")
     p.add_argument("--fused-check", action="store_true")
+    p.add_argument("--fused-tune", action="store_true")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--shapes", default=None, metavar="COMPONENT", help="seconds per shape group of one component")
     p.add_argument("--sha-sdpa", default=None, metavar="B1,B2",
@@ -253,7 +275,12 @@ def main():
     fused = resolve_fused(args.fused, device)
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "sha_sdpa": comps.SHA_SDPA, "fused": fused}
+    if fused:
+        import triton
+        record["triton"] = triton.__version__
     print(record, flush=True)
+    if args.fused_tune:
+        record["fused_tune"] = fused_tune(device, args.seed)
     if args.profile:
         profile(device, args.seed)
     if args.shapes:

@@ -1,6 +1,6 @@
-"""Run by tests/test_train_ddp.py under ``torchrun --nproc_per_node=2``: a tiny fp32 pretraining run
-(no dropout) whose per-step losses must equal single-process gradient accumulation, wrapped in DDP
-or FSDP2, optionally stopped early (``STOP_AT``) or resumed (``LOAD``)."""
+"""Run by tests/test_train_ddp.py under ``torchrun --nproc_per_node=2``: a tiny pretraining run (no
+dropout; fp32, or bf16 for ``fsdp-bf16``) whose per-step losses must equal single-process gradient
+accumulation, wrapped in DDP or FSDP2, optionally stopped early (``STOP_AT``) or resumed (``LOAD``)."""
 import sys
 
 import torch
@@ -55,13 +55,14 @@ if __name__ == "__main__":
                           num_workers=0, device="cpu", progress=False, fsdp=True, save_final=False)
         train(uneven_eval_task(int(sys.argv[3])), cfg)
         exit_process(0)
-    # args: DATA VOCAB OUT [ddp|fsdp] [STOP_AT] [LOAD]
+    # args: DATA VOCAB OUT [ddp|fsdp|fsdp-bf16] [STOP_AT] [LOAD]
     data_dir, vocab_size, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     mode = sys.argv[4] if len(sys.argv) > 4 else "ddp"
     stop_at = int(sys.argv[5]) if len(sys.argv) > 5 and sys.argv[5] != "-" else None
     load = sys.argv[6] if len(sys.argv) > 6 else None
-    cfg = TrainConfig(out_dir=out_dir, steps=4, global_batch=8, micro_batch=4, lr=1e-3, warmup=1, precision="fp32",
+    precision = "bf16" if mode.endswith("bf16") else "fp32"
+    cfg = TrainConfig(out_dir=out_dir, steps=4, global_batch=8, micro_batch=4, lr=1e-3, warmup=1, precision=precision,
                       eval_every=0, eval_iters=1, save_every=0, log_every=1, num_workers=0, device="cpu",
-                      progress=False, fsdp=mode == "fsdp", stop_at=stop_at, load=load)
+                      progress=False, fsdp=mode.startswith("fsdp"), stop_at=stop_at, load=load)
     train(tiny_task(data_dir, vocab_size), cfg)
     exit_process(0)

@@ -35,7 +35,8 @@ LAYERNORM: int = 0
 DROPOUT: int = 1
 LAYERNORM_EPS = 1e-5       # torch.nn.functional.layer_norm's default, as in the PyTorch path
 MAX_FEATURES = 4096        # wider rows do not fit a register block: the PyTorch path runs them
-ELEMENTS_PER_BLOCK = 2048  # BLOCK_T x BLOCK_D elements per loop iteration
+ELEMENTS_PER_BLOCK = 1024  # BLOCK_T x BLOCK_D elements per loop iteration (H100 sweep: fastest)
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -48,11 +49,12 @@ def _draws(seed, feature, token, pair, stream):
 
 
 @triton.jit
-def _rows_kernel(seed, params, row_stats, col_stats, R, L, D, eps,
+def _rows_kernel(seed, scales, row_stats, col_stats, R, L, D, eps,
                  OP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (config, sample) pair, looping over its L tokens BLOCK_T at a time.
 
-    ``params`` is (C, 6) fp32: a, b, mu, g_a, g_b, p. Writes ``row_stats`` (C R, 4, L): row sums
+    ``scales`` is (C, 6) fp32: a, b, mu, g_a, g_b, p (not named ``params``: Triton 3.6's
+    argument binder has a local of that name). Writes ``row_stats`` (C R, 4, L): row sums
     of y and y^2, then of gx and gx^2, and ``col_stats`` (C R, 2, D): column sums of y and gx.
     LayerNorm (OP 0, no affine): y = (x - m) rstd, gx = rstd (G - mean(G) - y mean(G y)).
     Dropout (OP 1): y = x keep / (1 - p), gx = G keep / (1 - p), keep = [u >= p]; y is stored
@@ -60,12 +62,12 @@ def _rows_kernel(seed, params, row_stats, col_stats, R, L, D, eps,
     """
     pair = tl.program_id(0)
     cfg = pair // R
-    a = tl.load(params + cfg * 6)
-    b = tl.load(params + cfg * 6 + 1)
-    mu = tl.load(params + cfg * 6 + 2)
-    g_a = tl.load(params + cfg * 6 + 3)
-    g_b = tl.load(params + cfg * 6 + 4)
-    p = tl.load(params + cfg * 6 + 5)
+    a = tl.load(scales + cfg * 6)
+    b = tl.load(scales + cfg * 6 + 1)
+    mu = tl.load(scales + cfg * 6 + 2)
+    g_a = tl.load(scales + cfg * 6 + 3)
+    g_b = tl.load(scales + cfg * 6 + 4)
+    p = tl.load(scales + cfg * 6 + 5)
 
     feats = tl.arange(0, BLOCK_D)
     fmask = feats < D
@@ -135,14 +137,14 @@ def row_sums(op: int, P: dict, S: dict, device, generator: torch.Generator | Non
         raise ValueError(f"fused rows hold at most {MAX_FEATURES} features, got {D}")
     s, r, g, r_g = (np.asarray(P[k], dtype=np.float64) for k in ("s", "r", "g", "r_g"))
     p = np.full(C, float(S.get("p", 0.0)))
-    params = device_columns([s * np.sqrt(1 - r), s * np.sqrt(r), P["mu"], g * np.sqrt(1 - r_g),
+    scales = device_columns([s * np.sqrt(1 - r), s * np.sqrt(r), P["mu"], g * np.sqrt(1 - r_g),
                              g * np.sqrt(r_g), p], device).T.contiguous()
     row_stats = torch.empty((C * R, 4, L), device=device)
     col_stats = torch.empty((C * R, 2, D), device=device)
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
     block_t, block_d = block_shape(D)
-    _rows_kernel[(C * R,)](seed, params, row_stats, col_stats, R, L, D, LAYERNORM_EPS,
-                           OP=op, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+    _rows_kernel[(C * R,)](seed, scales, row_stats, col_stats, R, L, D, LAYERNORM_EPS,
+                           OP=op, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=NUM_WARPS)
     rows = row_stats.view(C, R, 4, L)
     cols = col_stats.view(C, R, 2, D)
     return (rows[:, :, 0], rows[:, :, 1], cols[:, :, 0]), (rows[:, :, 2], rows[:, :, 3], cols[:, :, 1])

@@ -4,7 +4,9 @@
 (``cuda:LOCAL_RANK`` when CUDA is available and asked for, else the CPU) and initialises the process
 group (nccl on CUDA, gloo on the CPU) when WORLD_SIZE > 1. ``wrap(model, env, fsdp)`` returns DDP, or
 FSDP2 (``fully_shard`` on every repeated block and then on the root) when asked or when the fp32
-model plus AdamW state (16 bytes per parameter) would not fit in 60 % of one GPU's memory.
+model plus AdamW state (16 bytes per parameter) would not fit in 60 % of one GPU's memory. Under
+FSDP2 with a bf16 compute dtype the gathered parameters are bf16 (half the all-gather traffic, no
+per-op casts) and gradients are reduced in fp32 into the fp32 shards the optimizer updates.
 """
 from __future__ import annotations
 
@@ -127,16 +129,22 @@ def needs_sharding(model: nn.Module, device: torch.device) -> bool:
     return 16 * n > 0.6 * torch.cuda.get_device_properties(device).total_memory
 
 
-def wrap(model: nn.Module, env: DistEnv, fsdp: bool = False) -> nn.Module:
-    """Move ``model`` to the device and wrap it for data parallelism (no-op for one process)."""
+def wrap(model: nn.Module, env: DistEnv, fsdp: bool = False,
+         compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """Move ``model`` to the device and wrap it for data parallelism (no-op for one process).
+    ``compute_dtype`` (bf16 under bf16 training): FSDP2 gathers parameters in it
+    (``MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=float32)``); the master
+    weights and the optimizer stay fp32. DDP ignores it (autocast casts per op)."""
     shard = fsdp or needs_sharding(model, env.device)
     if shard and env.distributed:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         model.to(env.device)
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32
+                                      if compute_dtype is not None else None)
         for block in repeated_blocks(model):
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         model.dslm_fsdp = True
         return model
     model.to(env.device)

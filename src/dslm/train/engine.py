@@ -439,7 +439,7 @@ def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
     model = task.build_model()
     if cfg.compile:
         _compile(task, model)
-    model = D.wrap(model, env, cfg.fsdp)
+    model = D.wrap(model, env, cfg.fsdp, torch.bfloat16 if cfg.precision == "bf16" else None)
     train_ds = task.train_dataset()
     eval_sets = task.eval_datasets() or {}
     total = _total_steps(cfg, train_ds)
