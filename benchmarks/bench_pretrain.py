@@ -46,7 +46,8 @@ SIZES = {
 PEAK = 989e12
 # per-layer compile with mode="reduce-overhead" and compile + --cuda-graphs were tried and fail
 # (benchmarks/results/pretrain/throughput/h100_variants.log); they are not offered
-VARIANTS = ("hf", "ours", "ours-compiled", "ours-graphs", "ours-compiled-full", "ours-compiled-full-ro")
+VARIANTS = ("hf", "ours", "ours-compiled", "ours-graphs", "ours-compiled-full", "ours-compiled-full-ro",
+            "ours-compiled-full-ma")
 
 
 def sdpa_backend(name):
@@ -98,11 +99,12 @@ def ours_step(config, batch, variant):
     """The engine's step (micro-step closure + optimizer-step closure), eager or as CUDA graphs
     (:class:`dslm.train.graphs.GraphedStep`, which also runs its first steps eagerly), compiled per
     layer (``ours-compiled``) or as a whole (``ours-compiled-full``; ``-ro``: with torch.compile's
-    own CUDA graphs, mode="reduce-overhead")."""
+    own CUDA graphs, mode="reduce-overhead"; ``-ma``: mode="max-autotune", which also benchmarks
+    Triton GEMM templates with fused epilogues against cuBLAS and uses CUDA graphs)."""
     graphs = "graphs" in variant
     model = PretrainingObjective(BertForPreTraining(config).cuda(), round(0.15 * batch["input_ids"].shape[1]))
     if variant.startswith("ours-compiled-full"):     # one graph for the whole forward (one for the backward)
-        model.compile(mode="reduce-overhead" if variant.endswith("-ro") else None)
+        model.compile(mode={"ro": "reduce-overhead", "ma": "max-autotune"}.get(variant.rsplit("-", 1)[1]))
     elif variant == "ours-compiled":
         for layer in model.bert.layers:
             layer.compile()
