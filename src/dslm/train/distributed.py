@@ -129,12 +129,14 @@ def needs_sharding(model: nn.Module, device: torch.device) -> bool:
     return 16 * n > 0.6 * torch.cuda.get_device_properties(device).total_memory
 
 
-def wrap(model: nn.Module, env: DistEnv, fsdp: bool = False,
-         compute_dtype: torch.dtype | None = None) -> nn.Module:
+def wrap(model: nn.Module, env: DistEnv, fsdp: bool = False, compute_dtype: torch.dtype | None = None,
+         reshard_after_forward: bool = True) -> nn.Module:
     """Move ``model`` to the device and wrap it for data parallelism (no-op for one process).
     ``compute_dtype`` (bf16 under bf16 training): FSDP2 gathers parameters in it
     (``MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=float32)``); the master
-    weights and the optimizer stay fp32. DDP ignores it (autocast casts per op)."""
+    weights and the optimizer stay fp32. DDP ignores it (autocast casts per op).
+    ``reshard_after_forward``: FSDP2 frees each block's gathered parameters after its forward and
+    gathers them again for its backward (least memory); False keeps them until the backward."""
     shard = fsdp or needs_sharding(model, env.device)
     if shard and env.distributed:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -143,7 +145,7 @@ def wrap(model: nn.Module, env: DistEnv, fsdp: bool = False,
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32
                                       if compute_dtype is not None else None)
         for block in repeated_blocks(model):
-            fully_shard(block, mp_policy=policy)
+            fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
         fully_shard(model, mp_policy=policy)
         model.dslm_fsdp = True
         return model
