@@ -81,7 +81,8 @@ def test_draws_are_independent_unit_normals_and_uniforms(kernels):
 
 def _reference_rows(op, P, S, z, zg, u, xi, xi_g):
     """The (s, q, t) sums of y (minus mu for dropout) and gx from PyTorch's own layer and autograd
-    in fp64, on the kernel's random numbers, each with the largest |element| summed."""
+    in fp64, on the kernel's random numbers, each with the largest |element| summed per config
+    ((C, 1, 1))."""
     C, R, L, D = len(P["s"]), S["samples"], S["L"], S["d"]
     col = {k: torch.as_tensor(np.asarray(P[k], dtype=np.float64)).view(C, 1, 1, 1) for k in P}
     shape = (C, R, L, D)
@@ -96,27 +97,39 @@ def _reference_rows(op, P, S, z, zg, u, xi, xi_g):
         y = x * (u >= S["p"]) / (1 - S["p"])
     (gx,) = torch.autograd.grad(y, x, G)
     y = y.detach() - (col["mu"] if op == "dropout" else 0)
-    return [((t.sum(-1), t.square().sum(-1), t.sum(2)), float(t.abs().max())) for t in (y, gx)]
+    return [((t.sum(-1), t.square().sum(-1), t.sum(2)), t.abs().amax(dim=(1, 2, 3)).view(C, 1, 1))
+            for t in (y, gx)]
 
 
+# (L, d): one token block with padding on both axes; several token blocks (d 100: 8 rows of 128 per
+# iteration, d 300: 2 rows of 512), the last one partial, so the loop offset and the column-sum
+# accumulation across iterations are exercised.
+SHAPES = [(7, 20), (37, 100), (9, 300)]
+
+
+@pytest.mark.parametrize("L,d", SHAPES)
 @pytest.mark.parametrize("op", ["layernorm", "dropout"])
-def test_partial_sums_match_pytorch_on_the_same_draws(kernels, op):
+def test_partial_sums_match_pytorch_on_the_same_draws(kernels, op, L, d):
     fused, draws = kernels
+    assert fused.block_shape(d)[0] < L or (L, d) == SHAPES[0]
     P = {"mu": np.array([3.0, -10.0]), "s": np.array([1.0, 0.316]), "r": np.array([0.4, 0.0]),
          "g": np.array([1.0, 3.16]), "r_g": np.array([0.0, 0.8])}
-    S = {"samples": 3, "L": 7, "d": 20, "p": 1 / 3}     # L not a multiple of BLOCK_T, d not a power of 2
+    S = {"samples": 3, "L": L, "d": d, "p": 1 / 3}
     gen = torch.Generator().manual_seed(7)
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(7)))
     got = fused.row_sums(getattr(fused, op.upper()), P, S, DEVICE, generator=gen)
-    out, shared = draws(seed, 2 * 3, 7, 20)
+    out, shared = draws(seed, 2 * 3, L, d)
     want = _reference_rows(op, P, S, out[:, 0], out[:, 1], out[:, 2], shared[:, 0], shared[:, 1])
     if op == "dropout":                                  # the draws drop some but not all elements
         kept = float((out[:, 2] >= 1 / 3).double().mean())
         assert 0.4 < kept < 0.9
-    for got_part, (want_part, largest) in zip(got, want):     # fp32 sums of <= 20 terms vs fp64
-        for g, w, scale in zip(got_part, want_part, (20 * largest, 20 * largest ** 2, 7 * largest)):
+    # fp32 vs fp64: sums of d or L terms, and x = mu + ... rounded to fp32 before it is centred, which
+    # costs a relative 6e-8 |mu| / s in every centred value (1 + |mu| / s per config below)
+    cond = torch.as_tensor(1 + np.abs(P["mu"]) / P["s"]).view(2, 1, 1)
+    for got_part, (want_part, largest) in zip(got, want):
+        for g, w, scale in zip(got_part, want_part, (d * largest, d * largest ** 2, L * largest)):
             assert g.shape == w.shape
-            assert torch.allclose(g.double().cpu(), w, rtol=1e-5, atol=1e-6 * scale)
+            assert bool(((g.double().cpu() - w).abs() <= 1e-5 * w.abs() + 1e-6 * scale * cond).all())
 
 
 def test_runner_fused_path_measures_the_component(kernels):
@@ -133,6 +146,24 @@ def test_runner_fused_path_measures_the_component(kernels):
     assert m["var"][0] == pytest.approx(pred["var"][0], rel=0.1)
     assert m["grad_var"][0] == pytest.approx(pred["grad_var"][0], rel=0.1)
     assert m["cov"][0] == pytest.approx(pred["cov"][0], rel=0.15)
+
+
+def test_runner_fused_layernorm_matches_the_pytorch_path(kernels):
+    """LayerNorm through run_component's fused path (with its feature covariance) against the
+    PyTorch path on the same grid: different random numbers, the same moments within Monte-Carlo
+    error, and the correlation structure the theory predicts."""
+    comp = COMPONENTS["layernorm"]
+    grid = resolve_grid(comp, {"mu": [3.0], "s": [2.0], "r": [0.6], "g": [1.0], "r_g": [0.3], "d": [48],
+                               "L": [6], "samples": [48]})
+    on, off = (run_component(comp, grid, torch.device(DEVICE), seed=5, progress=False, fused=f)
+               for f in (True, False))
+    assert on["fused"] is True and off["fused"] is False
+    m_on, m_off, pred = on["columns"]["measured"], off["columns"]["measured"], on["columns"]["predicted"]
+    assert m_on["var"][0] == pytest.approx(1.0, abs=1e-4)            # LayerNorm output: exactly unit variance
+    assert m_on["feature_cov"][0] == pytest.approx(pred["feature_cov"][0], abs=0.01)    # -1/(d-1)
+    for key, tol in (("cov", 0.05), ("grad_var", 0.1), ("grad_cov", 0.05)):
+        assert m_on[key][0] == pytest.approx(m_off[key][0], abs=tol)
+        assert m_on[key][0] == pytest.approx(pred[key][0], abs=tol)
 
 
 def test_fused_on_without_cuda_is_a_usage_error(capsys):

@@ -1,6 +1,8 @@
 """Run by tests/test_train_ddp.py under ``torchrun --nproc_per_node=2``: a tiny pretraining run (no
 dropout; fp32, or bf16 for ``fsdp-bf16``) whose per-step losses must equal single-process gradient
 accumulation, wrapped in DDP or FSDP2, optionally stopped early (``STOP_AT``) or resumed (``LOAD``)."""
+import json
+import os
 import sys
 
 import torch
@@ -17,6 +19,22 @@ def tiny_task(data_dir, vocab_size):
     config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=64,
                         hidden_dropout=0.0, attention_dropout=0.0)
     return PretrainTask(data_dir, config, seq_len=32, seed=7, num_workers=0)
+
+
+def record_gathered_dtype(task, seen: set):
+    """Make ``task`` build models whose first transformer layer's first Linear records the dtype of
+    its weight at every forward: under FSDP2 the weight it sees is the gathered (unsharded) one."""
+    from torch import nn
+
+    build = task.build_model
+
+    def build_model():
+        model = build()
+        linear = next(m for m in model.bert.layers[0].modules() if isinstance(m, nn.Linear))
+        linear.register_forward_pre_hook(lambda module, args: seen.add(str(module.weight.dtype)))
+        return model
+    task.build_model = build_model
+    return task
 
 
 def uneven_eval_task(n_items: int):
@@ -60,9 +78,14 @@ if __name__ == "__main__":
     mode = sys.argv[4] if len(sys.argv) > 4 else "ddp"
     stop_at = int(sys.argv[5]) if len(sys.argv) > 5 and sys.argv[5] != "-" else None
     load = sys.argv[6] if len(sys.argv) > 6 else None
-    precision = "bf16" if mode.endswith("bf16") else "fp32"
-    cfg = TrainConfig(out_dir=out_dir, steps=4, global_batch=8, micro_batch=4, lr=1e-3, warmup=1, precision=precision,
-                      eval_every=0, eval_iters=1, save_every=0, log_every=1, num_workers=0, device="cpu",
-                      progress=False, fsdp=mode.startswith("fsdp"), stop_at=stop_at, load=load)
-    train(tiny_task(data_dir, vocab_size), cfg)
+    bf16 = mode.endswith("bf16")     # fsdp-bf16: also 2 micro-batches per rank (accumulation under FSDP)
+    cfg = TrainConfig(out_dir=out_dir, steps=4, global_batch=8, micro_batch=2 if bf16 else 4, lr=1e-3, warmup=1,
+                      precision="bf16" if bf16 else "fp32", eval_every=0, eval_iters=1, save_every=0, log_every=1,
+                      num_workers=0, device="cpu", progress=False, fsdp=mode.startswith("fsdp"), stop_at=stop_at,
+                      load=load)
+    seen: set = set()
+    train(record_gathered_dtype(tiny_task(data_dir, vocab_size), seen), cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(os.path.join(out_dir, "gathered_dtypes.json"), "w") as f:
+            json.dump(sorted(seen), f)
     exit_process(0)

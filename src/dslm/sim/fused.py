@@ -24,6 +24,8 @@ runs (on CUDA by default; on the CPU only under ``TRITON_INTERPRET=1``, which th
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import triton
@@ -48,7 +50,7 @@ def _draws(seed, feature, token, pair, stream):
     return n0, n1, tl.uint_to_uniform_float(r2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "R", "L", "D"])    # one compile per (OP, block shape)
 def _rows_kernel(seed, scales, row_stats, col_stats, R, L, D, eps,
                  OP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (config, sample) pair, looping over its L tokens BLOCK_T at a time.
@@ -143,13 +145,16 @@ def row_sums(op: int, P: dict, S: dict, device, generator: torch.Generator | Non
     col_stats = torch.empty((C * R, 2, D), device=device)
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
     block_t, block_d = block_shape(D)
-    _rows_kernel[(C * R,)](seed, scales, row_stats, col_stats, R, L, D, LAYERNORM_EPS,
-                           OP=op, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=NUM_WARPS)
+    with torch.cuda.device(row_stats.device) if row_stats.is_cuda else contextlib.nullcontext():
+        _rows_kernel[(C * R,)](seed, scales, row_stats, col_stats, R, L, D, LAYERNORM_EPS,
+                               OP=op, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=NUM_WARPS)
     rows = row_stats.view(C, R, 4, L)
     cols = col_stats.view(C, R, 2, D)
     return (rows[:, :, 0], rows[:, :, 1], cols[:, :, 0]), (rows[:, :, 2], rows[:, :, 3], cols[:, :, 1])
 
 
 def floats_per_config(S: dict) -> int:
-    """Device memory per config of :func:`row_sums` in fp32 values: the partial sums only."""
-    return S["samples"] * (4 * S["L"] + 2 * S["d"])
+    """Device memory per config in fp32 values: the partial sums (4 L + 2 d per sample) and the
+    fp64 temporaries that :func:`dslm.sim.estimators.moments_from_rows` makes of them (squared
+    column sums, and squared row sums for LayerNorm's feature covariance)."""
+    return S["samples"] * (8 * S["L"] + 6 * S["d"])

@@ -118,9 +118,11 @@ def resolve_fused(mode: str, device: torch.device) -> bool:
     """Whether LayerNorm and dropout run as fused Triton kernels (:mod:`dslm.sim.fused`).
     ``auto``: on CUDA when Triton is installed (it ships with PyTorch's CUDA wheels); ``on``
     insists (CUDA and Triton required); ``off``: the PyTorch path everywhere."""
-    import importlib.util
-
-    have_triton = importlib.util.find_spec("triton") is not None
+    try:
+        import triton  # noqa: F401
+        have_triton = True
+    except Exception:           # not installed, or an install that does not import
+        have_triton = False
     if mode == "auto":
         return device.type == "cuda" and have_triton
     if mode == "on":
@@ -201,7 +203,7 @@ def run_component(component: Component, grid: dict, device: torch.device, precis
     torch.manual_seed(seed * 1009 + list(COMPONENTS).index(component.name))
     start = time.perf_counter()
     dtype = torch.bfloat16 if component.uses_matmul and precision == "bf16" else torch.float32
-    order, chunks = [], []
+    order, chunks, ran_fused = [], [], False
     bar = tqdm(total=n, desc=f"{component.name:9s}", unit="cfg", disable=not progress, leave=False)
     for key, idx in groups.items():
         S = dict(zip(component.shape_axes, key))
@@ -210,7 +212,7 @@ def run_component(component: Component, grid: dict, device: torch.device, precis
             from dslm.sim import fused as kernels
 
             if kernels.fits(S["d"]):
-                simulate, floats = component.fused, kernels.floats_per_config
+                simulate, floats, ran_fused = component.fused, kernels.floats_per_config, True
         per_chunk = max(1, int(budget // (4 * floats(S))))
         for s in range(0, len(idx), per_chunk):
             sel = idx[s:s + per_chunk]
@@ -240,7 +242,7 @@ def run_component(component: Component, grid: dict, device: torch.device, precis
         "grid": grid,
         "configs": n,
         "seconds": seconds,
-        "fused": bool(fused and component.fused is not None),
+        "fused": ran_fused,
         "percentiles": table,
         "columns": {
             "params": {a: columns[a].tolist() for a in axes},

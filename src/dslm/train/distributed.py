@@ -139,7 +139,10 @@ def wrap(model: nn.Module, env: DistEnv, fsdp: bool = False, compute_dtype: torc
     gathers them again for its backward (least memory); False keeps them until the backward."""
     shard = fsdp or needs_sharding(model, env.device)
     if shard and env.distributed:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        try:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        except ImportError:     # torch < 2.6: the same FSDP2 before it became public
+            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
         model.to(env.device)
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32
