@@ -118,20 +118,17 @@ def resolve_fused(mode: str, device: torch.device) -> bool:
     """Whether LayerNorm and dropout run as fused Triton kernels (:mod:`dslm.sim.fused`).
     ``auto``: on CUDA when Triton is installed (it ships with PyTorch's CUDA wheels); ``on``
     insists (CUDA and Triton required); ``off``: the PyTorch path everywhere."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return False                # decided without importing Triton (a second of CPU start-up)
+    if device.type != "cuda":
+        raise UsageError("--fused on needs --device cuda (the fused kernels are Triton GPU kernels)")
     try:
         import triton  # noqa: F401
-        have_triton = True
-    except Exception:           # not installed, or an install that does not import
-        have_triton = False
-    if mode == "auto":
-        return device.type == "cuda" and have_triton
-    if mode == "on":
-        if device.type != "cuda":
-            raise UsageError("--fused on needs --device cuda (the fused kernels are Triton GPU kernels)")
-        if not have_triton:
-            raise UsageError("--fused on needs the triton package (pip install triton)")
-        return True
-    return False
+    except Exception:               # not installed, or an install that does not import
+        if mode == "auto":
+            return False
+        raise UsageError("--fused on needs the triton package (pip install triton)") from None
+    return True
 
 
 @contextlib.contextmanager
