@@ -1,7 +1,7 @@
 """SDPA kernels on a padded BERT-base attention batch (B 32, 12 heads, L 512, d_h 64, attention
 dropout 0.1, 10 % of the rows padded as in bench_pretrain.py): milliseconds of forward + backward per
-call for cuDNN, FlashAttention-2 and memory-efficient attention with the padding mask and without
-any mask, nested (jagged) tensors, and varlen attention without dropout where this PyTorch has it.
+call for cuDNN, FlashAttention-2 and memory-efficient attention with the padding mask (boolean, and
+for cuDNN also as an additive bf16 bias) and without any mask, nested (jagged) tensors, and varlen attention without dropout where this PyTorch has it.
 Prints one JSON object (``fill`` = fraction of real tokens); needs a GPU. The H100 result is
 ``results/pretrain/throughput/h100_attention_kernels.json`` (why BERT-base keeps the masked path:
 docs/train.md)."""
@@ -41,7 +41,9 @@ def run(backend, attn_mask):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         torch.autograd.grad(y, (q, k, v), g)
     return f
+additive = torch.zeros(B, 1, 1, L, device=dev, dtype=torch.bfloat16).masked_fill(~bias, float("-inf"))
 for name, be, m in [("cudnn_mask", SDPBackend.CUDNN_ATTENTION, bias), ("efficient_mask", SDPBackend.EFFICIENT_ATTENTION, bias),
+                    ("cudnn_additive_bf16", SDPBackend.CUDNN_ATTENTION, additive),
                     ("flash_nomask", SDPBackend.FLASH_ATTENTION, None), ("cudnn_nomask", SDPBackend.CUDNN_ATTENTION, None),
                     ("efficient_nomask", SDPBackend.EFFICIENT_ATTENTION, None)]:
     try:

@@ -53,12 +53,12 @@ def run_variant(variant, env, size, steps, warmup):
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
-        norm = clip_grad_norm(params, 1.0)
+        norm = clip_grad_norm(params, 1.0, opt)
         t3 = time.perf_counter()
         skip_if_nonfinite(opt, norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        opt.found_inf = None
+        opt.found_inf = opt.grad_scale = None
         t4 = time.perf_counter()
         if record:
             for k, v in zip(host, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):

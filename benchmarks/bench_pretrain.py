@@ -62,6 +62,21 @@ def sdpa_backend(name):
                         "efficient": SDPBackend.EFFICIENT_ATTENTION}[name])
 
 
+def relu_mode(mode):
+    """A context for our FFN / LM-head ReLU: ``fused`` (the model's own way: bias + ReLU in the
+    GEMM's epilogue, :mod:`dslm.model.ops`) or ``unfused`` (GEMM, then a separate ReLU: the A/B)."""
+    import contextlib
+    from unittest import mock
+
+    import torch.nn.functional as F
+
+    from dslm.model import bert
+
+    if mode == "fused":
+        return contextlib.nullcontext()
+    return mock.patch.object(bert, "_dense_activation", lambda linear, act, x: F.relu(linear(x)))
+
+
 def make_batch(b, length, vocab, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (b, length), generator=g)
@@ -119,11 +134,11 @@ def ours_step(config, batch, variant):
         loss.backward()
 
     def optimizer_step():
-        norm = clip_grad_norm(params, 1.0)
+        norm = clip_grad_norm(params, 1.0, opt)
         found = skip_if_nonfinite(opt, norm)
         opt.step()
         opt.zero_grad(set_to_none=not graphs)
-        opt.found_inf = None
+        opt.found_inf = opt.grad_scale = None
         return found
 
     if graphs:
@@ -204,24 +219,28 @@ def throughput(args):
             try:
                 if variant == "hf":
                     sec, _ = bench_hf(config, batch, args.warmup, args.steps)
+                    key = variant
                 else:
-                    with sdpa_backend(args.sdpa):
+                    key = variant + args.label
+                    with sdpa_backend(args.sdpa), relu_mode(args.relu):
                         sec, _ = bench_ours(config, batch, variant, args.warmup, args.steps)
             except Exception as e:  # noqa: BLE001 - record and go on with the other variants
-                row[variant] = {"error": f"{type(e).__name__}: {str(e)[:300]}", "device": results["device"]}
-                print(name, variant, "FAILED", row[variant], flush=True)
+                key = variant + ("" if variant == "hf" else args.label)
+                row[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}", "device": results["device"]}
+                print(name, key, "FAILED", row[key], flush=True)
             else:
                 tps = tokens / sec
-                row[variant] = {"step_ms": sec * 1e3, "tokens_per_s": tps, "mfu": tps * flops / PEAK,
+                row[key] = {"step_ms": sec * 1e3, "tokens_per_s": tps, "mfu": tps * flops / PEAK,
                                 "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
                                 "wall_s_incl_warmup": time.time() - t0, "sdpa": args.sdpa,
                                 "device": results["device"]}
                 if variant == "hf":
-                    row[variant]["hf_mfu_full_head"] = tps * flops_full / PEAK
-                print(name, variant, json.dumps(row[variant]), flush=True)
+                    row[key]["hf_mfu_full_head"] = tps * flops_full / PEAK
+                print(name, key, json.dumps(row[key]), flush=True)
             hf = row.get("hf", {})
-            for v in VARIANTS:   # ratios only against an HF row measured on the same kind of device
-                if "tokens_per_s" in row.get(v, {}) and "tokens_per_s" in hf and row[v].get("device") == hf.get("device"):
+            for v in row:   # ratios only against an HF row measured on the same kind of device
+                if isinstance(row[v], dict) and "tokens_per_s" in row[v] and "tokens_per_s" in hf \
+                        and row[v].get("device") == hf.get("device"):
                     row[v]["speedup_vs_hf"] = row[v]["tokens_per_s"] / hf["tokens_per_s"]
             results["sizes"][name] = row
             path.write_text(json.dumps(results, indent=2) + "\n")
@@ -242,17 +261,19 @@ def profile(args):
                             num_heads=s["num_heads"], max_position_embeddings=512, ln="post", activation="relu")
         batch = make_batch(s["batch"], s["seq_len"], config.vocab_size, "cuda")
         for variant in [v for v in args.variants if v != "hf"]:
-            with sdpa_backend(args.sdpa):
+            with sdpa_backend(args.sdpa), relu_mode(args.relu):
                 _, step = ours_step(config, batch, variant)
                 for _ in range(args.warmup):
                     step()
                 torch.cuda.synchronize()
-                with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                                   record_shapes=args.record_shapes) as prof:
                     for _ in range(3):
                         step()
                     torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-            (out / f"profile_{name}_{variant}.txt").write_text(table + "\n")
+            table = prof.key_averages(group_by_input_shape=args.record_shapes).table(sort_by="cuda_time_total", row_limit=args.rows,
+                                              max_name_column_width=110)
+            (out / f"profile_{name}_{variant}{args.label}.txt").write_text(table + "\n")
             print(f"== {name} {variant}\n{table}", flush=True)
     return 0
 
@@ -483,6 +504,14 @@ def main(argv=None):
                    choices=list(VARIANTS))
     p.add_argument("--sdpa", choices=("default", "cudnn", "flash", "efficient"), default="default",
                    help="throughput: force an SDPA backend for our model (HF keeps its default)")
+    p.add_argument("--relu", choices=("fused", "unfused"), default="fused",
+                   help="throughput/profile A/B of our ReLU layers: fused (the model's bias+ReLU GEMM "
+                        "epilogue) or unfused (GEMM, then a separate ReLU pass)")
+    p.add_argument("--label", default="",
+                   help="throughput/profile: suffix for our rows / profile files (e.g. '+unfused')")
+    p.add_argument("--rows", type=int, default=30, help="profile: kernels listed per table")
+    p.add_argument("--record-shapes", action="store_true",
+                   help="profile: one row per operator and input shapes (which call launched a kernel)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--suite", choices=list(SUITES), default="basic",

@@ -321,3 +321,39 @@ def test_resuming_an_older_checkpoint_next_to_a_newer_one_is_refused(tmp_path, c
     older = ckpt_io.step_dirs(tmp_path / "checkpoints")[0]
     with pytest.raises(UsageError, match="already holds a later checkpoint .step_00000004"):
         train(SequentialToyTask(), cfg(tmp_path, steps=4, save_every=2, load=str(older)))
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])   # gradient norm below / far above max_norm = 1
+def test_clipping_folded_into_fused_adamw_equals_clip_then_step(scale):
+    """clip_grad_norm(params, 1, fused_optimizer) leaves the gradients alone and has the optimizer's
+    kernel divide them by max(1, (norm + 1e-6) / max_norm): the same update as
+    torch.nn.utils.clip_grad_norm_ followed by the step."""
+    from dslm.train.optim import build_optimizer, clip_grad_norm
+
+    results = []
+    for fold in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.Linear(16, 3))
+        opt = build_optimizer(model, lr=1e-2, weight_decay=0.01, fused=True)
+        params = list(model.parameters())
+        for _ in range(3):
+            (model(torch.randn(8, 6)).square().sum() * scale).backward()
+            raw = [p.grad.clone() for p in params]
+            norm = clip_grad_norm(params, 1.0, opt if fold else None)
+            assert norm == pytest.approx(torch.linalg.vector_norm(torch.stack([g.norm() for g in raw])).item(),
+                                         rel=1e-5)
+            if fold:
+                assert all(torch.equal(p.grad, g) for p, g in zip(params, raw))     # left to the kernel
+                assert opt.grad_scale.item() == pytest.approx(max(1.0, norm.item() + 1e-6))
+            opt.step()
+            opt.zero_grad()
+            opt.grad_scale = None
+        results.append(torch.cat([p.detach().flatten() for p in params]))
+    assert torch.allclose(results[0], results[1], rtol=1e-5, atol=1e-7)
+    # a non-fused optimizer gets the gradients clipped in place
+    model = nn.Linear(6, 3)
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.0, fused=False)
+    (model(torch.randn(8, 6)).square().sum() * 100).backward()
+    clip_grad_norm(list(model.parameters()), 1.0, opt)
+    assert getattr(opt, "grad_scale", None) is None
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])) == pytest.approx(1.0, rel=1e-4)

@@ -3,7 +3,8 @@
 Modules in the order data flows through them:
 
     Embeddings        word + position + token-type, summed, dropout (no LayerNorm here)
-    SelfAttention     fused QKV projection, SDPA with padding mask and attention dropout, output proj
+    SelfAttention     fused QKV projection, SDPA with an additive padding bias and attention dropout,
+                      output projection
     FeedForward       Linear(d -> d_f), ReLU/GeLU, Linear(d_f -> d)
     TransformerLayer  LN placement and the residual adds x_next = lam x + beta Dropout(block)
     BertModel         embeddings, layers, final LayerNorm, tanh pooler of token 0
@@ -27,14 +28,19 @@ from torch import nn
 
 from dslm.errors import UsageError
 from dslm.model.config import BertConfig
+from dslm.model.ops import attention_bias, compute_dtype, linear_relu
 
 IGNORE_INDEX = -100
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def _activation(name: str):
-    return F.relu if name == "relu" else F.gelu  # gelu: the exact (erf) form, as HF's "gelu"
+def _dense_activation(linear: nn.Linear, activation: str, x: torch.Tensor) -> torch.Tensor:
+    """activation(linear(x)); ReLU as one GEMM with a fused bias + ReLU epilogue (bit-identical,
+    :mod:`dslm.model.ops`), GeLU in its exact (erf) form, as HF's "gelu"."""
+    if activation == "relu":
+        return linear_relu(x, linear.weight, linear.bias)
+    return F.gelu(linear(x))
 
 
 class Embeddings(nn.Module):
@@ -89,10 +95,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc_in = nn.Linear(config.hidden_size, config.ffn_size)
         self.fc_out = nn.Linear(config.ffn_size, config.hidden_size)
-        self.act = _activation(config.activation)
+        self.activation = config.activation
 
     def forward(self, x):
-        return self.fc_out(self.act(self.fc_in(x)))
+        return self.fc_out(_dense_activation(self.fc_in, self.activation, x))
 
 
 class TransformerLayer(nn.Module):
@@ -260,10 +266,10 @@ class BertModel(nn.Module, _Pretrained):
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
                 output_hidden_states: bool = False) -> BertOutput:
-        mask = None
-        if attention_mask is not None:  # (B, 1, 1, L): every query sees the real keys only
-            mask = attention_mask[:, None, None, :].to(torch.bool)
         x = self.embeddings(input_ids, token_type_ids)
+        mask = None
+        if attention_mask is not None:  # (B, 1, 1, L) additive: every query sees the real keys only
+            mask = attention_bias(attention_mask, compute_dtype(x))
         hidden = [x] if output_hidden_states else None
         for layer in self.layers:
             x = layer(x, mask)
@@ -280,13 +286,13 @@ class LMHead(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.dense = nn.Linear(d, d)
-        self.act = _activation(config.activation)
+        self.activation = config.activation
         self.ln = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.logit_scale = config.logit_scale()
 
     def forward(self, h, decoder_weight):
-        h = self.ln(self.act(self.dense(h)))
+        h = self.ln(_dense_activation(self.dense, self.activation, h))
         if self.logit_scale != 1.0:
             h = h * self.logit_scale
         return F.linear(h, decoder_weight, self.bias)

@@ -541,11 +541,11 @@ def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
     def optimizer_step() -> torch.Tensor:
         """Clip, skip if non-finite, AdamW, zero the gradients; add the step to the interval sums.
         Returns the 0-dim non-finite flag (1 = skipped) on the device."""
-        grad_norm = clip_grad_norm(params, cfg.clip)
+        grad_norm = clip_grad_norm(params, cfg.clip, optimizer)
         found = skip_if_nonfinite(optimizer, grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=not cfg.cuda_graphs)   # graphs: persistent buffers, zeroed in place
-        optimizer.found_inf = None
+        optimizer.found_inf = optimizer.grad_scale = None
         good = 1.0 - found
         gn = torch.where(found > 0, torch.zeros_like(grad_norm), grad_norm.float())
         # a skipped step's sums are dropped (where, not * 0: a NaN loss times 0 is still NaN)

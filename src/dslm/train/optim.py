@@ -32,21 +32,30 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
 
 
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
     """Global L2 norm of all gradients (a device tensor, no host sync; a plain tensor also under
-    FSDP2); the gradients are scaled down to ``max_norm`` when it is larger (``max_norm`` <= 0: no
-    clipping, the norm is still returned)."""
+    FSDP2); the gradients are scaled by min(1, max_norm / (norm + 1e-6)) (``max_norm`` <= 0: no
+    clipping, the norm is still returned), as ``torch.nn.utils.clip_grad_norm_`` does.
+
+    With a fused ``optimizer`` the scaling is left to its next ``step()``: its kernel divides each
+    gradient by ``optimizer.grad_scale`` = max(1, (norm + 1e-6) / max_norm) as it reads it (the
+    hook AMP's GradScaler uses), which saves a read and a write of every gradient. Clear
+    ``optimizer.grad_scale`` after the step (as ``found_inf``)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    if max_norm > 0:
+    fold = max_norm > 0 and optimizer is not None and optimizer.defaults.get("fused")
+    if max_norm > 0 and not fold:
         norm = nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], max_norm, foreach=True)
     elif hasattr(nn.utils, "get_total_norm"):
         norm = nn.utils.get_total_norm(grads, foreach=True)
     else:
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     # FSDP2: sharded gradients give a DTensor norm; materialise the global value (an all-reduce)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if fold:
+        optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)
+    return norm
 
 
 def skip_if_nonfinite(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
