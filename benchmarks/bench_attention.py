@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from dslm.model.ops import attention_bias
+
 argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
 if not torch.cuda.is_available():
     raise SystemExit("bench_attention.py needs a CUDA GPU")
@@ -41,7 +43,7 @@ def run(backend, attn_mask):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         torch.autograd.grad(y, (q, k, v), g)
     return f
-additive = torch.zeros(B, 1, 1, L, device=dev, dtype=torch.bfloat16).masked_fill(~bias, float("-inf"))
+additive = attention_bias(mask.long(), torch.bfloat16).to(dev)   # the model's own bias
 for name, be, m in [("cudnn_mask", SDPBackend.CUDNN_ATTENTION, bias), ("efficient_mask", SDPBackend.EFFICIENT_ATTENTION, bias),
                     ("cudnn_additive_bf16", SDPBackend.CUDNN_ATTENTION, additive),
                     ("flash_nomask", SDPBackend.FLASH_ATTENTION, None), ("cudnn_nomask", SDPBackend.CUDNN_ATTENTION, None),

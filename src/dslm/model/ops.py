@@ -4,8 +4,10 @@ attention mask in the form the attention kernels read fastest.
 ``linear_relu(x, W, b) = relu(x W^T + b)`` runs as one GEMM whose epilogue adds the bias and applies
 the ReLU (``aten._addmm_activation``: cuBLASLt's RELU_BIAS epilogue on CUDA), instead of a GEMM and
 a separate pass that reads the pre-activation back, writes the ReLU and (under torch.compile) a
-saved mask. The result is bit-identical to ``F.relu(F.linear(x, W, b))``: the epilogue rounds the
-fp32 accumulator once, and ReLU commutes with rounding. ``aten._addmm_activation`` has no autograd
+saved mask. The forward equals ``F.relu(F.linear(x, W, b))``: the epilogue rounds the fp32
+accumulator plus bias once, and ReLU commutes with rounding (bit-identical on the CPU, tested; on
+CUDA cuBLASLt may choose another GEMM kernel for the epilogue, i.e. another summation order). The
+bias gradient is summed in fp32 (autocast's path sums it in the compute dtype). ``aten._addmm_activation`` has no autograd
 formula, so the backward is written here; it takes the ReLU mask from the saved output, which the
 next linear layer keeps for its own weight gradient anyway (no extra memory). (A one-pass Triton
 kernel for the masked gradient and its column sums, the bias gradient, was measured on an H100 and
@@ -20,7 +22,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on ``x`` runs in: autocast's where it is on for x's device, else x's own
     (autocast does not list ``_addmm_activation``, so the cast is done here as autocast would)."""
     kind = x.device.type
-    if torch.is_autocast_enabled(kind):
+    if torch.is_autocast_enabled(kind) and x.dtype != torch.float64:   # autocast leaves fp64 alone
         return torch.get_autocast_dtype(kind)
     return x.dtype
 
@@ -38,6 +40,7 @@ class _LinearReLU(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable     # no double backward: a clear error, not wrong values
     def backward(ctx, grad):
         x2, w, y = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
@@ -61,7 +64,7 @@ def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Te
     """Key-padding mask (batch, seq) of 1 (real token) / 0 (padding) as the additive bias
     (batch, 1, 1, seq) that SDPA adds to every head's scores: 0 for real keys, the most negative
     finite ``dtype`` value for padding (exp underflows to exactly 0, as with -inf, but a row with no
-    real key cannot turn into NaN). Made once per forward in the attention's dtype: given a boolean
+    real key cannot turn into NaN in any backend: it attends uniformly to its padding). Made once per forward in the attention's dtype: given a boolean
     mask, SDPA's cuDNN path would build this bias again in every layer."""
     bias = torch.zeros(attention_mask.shape[0], 1, 1, attention_mask.shape[1], dtype=dtype,
                        device=attention_mask.device)

@@ -38,9 +38,12 @@ def clip_grad_norm(parameters, max_norm: float, optimizer: torch.optim.Optimizer
     clipping, the norm is still returned), as ``torch.nn.utils.clip_grad_norm_`` does.
 
     With a fused ``optimizer`` the scaling is left to its next ``step()``: its kernel divides each
-    gradient by ``optimizer.grad_scale`` = max(1, (norm + 1e-6) / max_norm) as it reads it (the
-    hook AMP's GradScaler uses), which saves a read and a write of every gradient. Clear
-    ``optimizer.grad_scale`` after the step (as ``found_inf``)."""
+    gradient by ``optimizer.grad_scale`` = max(1, (norm + 1e-6) / max_norm) as it loads it (the
+    hook AMP's GradScaler uses) and writes the clipped gradient back, which saves the separate
+    rescaling pass's read of every gradient. Clear ``optimizer.grad_scale`` after the step (as
+    ``found_inf``); this function sets it to None whenever it does not fold."""
+    if optimizer is not None:
+        optimizer.grad_scale = None
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
