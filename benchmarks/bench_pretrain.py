@@ -216,24 +216,22 @@ def throughput(args):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             t0 = time.time()
+            key = variant if variant == "hf" else variant + args.label
             try:
                 if variant == "hf":
                     sec, _ = bench_hf(config, batch, args.warmup, args.steps)
-                    key = variant
                 else:
-                    key = variant + args.label
                     with sdpa_backend(args.sdpa), relu_mode(args.relu):
                         sec, _ = bench_ours(config, batch, variant, args.warmup, args.steps)
             except Exception as e:  # noqa: BLE001 - record and go on with the other variants
-                key = variant + ("" if variant == "hf" else args.label)
                 row[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}", "device": results["device"]}
                 print(name, key, "FAILED", row[key], flush=True)
             else:
                 tps = tokens / sec
                 row[key] = {"step_ms": sec * 1e3, "tokens_per_s": tps, "mfu": tps * flops / PEAK,
-                                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-                                "wall_s_incl_warmup": time.time() - t0, "sdpa": args.sdpa,
-                                "device": results["device"]}
+                            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+                            "wall_s_incl_warmup": time.time() - t0, "sdpa": args.sdpa,
+                            "device": results["device"]}
                 if variant == "hf":
                     row[key]["hf_mfu_full_head"] = tps * flops_full / PEAK
                 print(name, key, json.dumps(row[key]), flush=True)
@@ -271,8 +269,8 @@ def profile(args):
                     for _ in range(3):
                         step()
                     torch.cuda.synchronize()
-            table = prof.key_averages(group_by_input_shape=args.record_shapes).table(sort_by="cuda_time_total", row_limit=args.rows,
-                                              max_name_column_width=110)
+            table = prof.key_averages(group_by_input_shape=args.record_shapes).table(
+                sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=110)
             (out / f"profile_{name}_{variant}{args.label}.txt").write_text(table + "\n")
             print(f"== {name} {variant}\n{table}", flush=True)
     return 0

@@ -36,7 +36,7 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def _dense_activation(linear: nn.Linear, activation: str, x: torch.Tensor) -> torch.Tensor:
-    """activation(linear(x)); ReLU as one GEMM with a fused bias + ReLU epilogue (bit-identical,
+    """activation(linear(x)); ReLU as one GEMM with a fused bias + ReLU epilogue (the same values,
     :mod:`dslm.model.ops`), GeLU in its exact (erf) form, as HF's "gelu"."""
     if activation == "relu":
         return linear_relu(x, linear.weight, linear.bias)

@@ -6,12 +6,12 @@ the ReLU (``aten._addmm_activation``: cuBLASLt's RELU_BIAS epilogue on CUDA), in
 a separate pass that reads the pre-activation back, writes the ReLU and (under torch.compile) a
 saved mask. The forward equals ``F.relu(F.linear(x, W, b))``: the epilogue rounds the fp32
 accumulator plus bias once, and ReLU commutes with rounding (bit-identical on the CPU, tested; on
-CUDA cuBLASLt may choose another GEMM kernel for the epilogue, i.e. another summation order). The
-bias gradient is summed in fp32 (autocast's path sums it in the compute dtype). ``aten._addmm_activation`` has no autograd
-formula, so the backward is written here; it takes the ReLU mask from the saved output, which the
-next linear layer keeps for its own weight gradient anyway (no extra memory). (A one-pass Triton
-kernel for the masked gradient and its column sums, the bias gradient, was measured on an H100 and
-gained nothing over torch.compile's two passes: 520-521k vs 523k tokens/s on BERT-base.)
+CUDA cuBLASLt may choose another GEMM kernel for the epilogue, i.e. another summation order).
+``aten._addmm_activation`` has no autograd formula, so the backward is written here: it takes the
+ReLU mask from the saved output, which the next linear layer keeps for its own weight gradient
+anyway (no extra memory), and sums the bias gradient in fp32 (autocast's path sums it in the
+compute dtype). A one-pass Triton kernel for the masked gradient and its column sums was measured
+on an H100 and gained nothing over torch.compile's two passes (BERT-base: 520-521k vs 523k tokens/s).
 """
 from __future__ import annotations
 
@@ -64,8 +64,9 @@ def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Te
     """Key-padding mask (batch, seq) of 1 (real token) / 0 (padding) as the additive bias
     (batch, 1, 1, seq) that SDPA adds to every head's scores: 0 for real keys, the most negative
     finite ``dtype`` value for padding (exp underflows to exactly 0, as with -inf, but a row with no
-    real key cannot turn into NaN in any backend: it attends uniformly to its padding). Made once per forward in the attention's dtype: given a boolean
-    mask, SDPA's cuDNN path would build this bias again in every layer."""
+    real key cannot turn into NaN in any backend: it attends uniformly to its padding). Made once
+    per forward in the attention's dtype: given a boolean mask, SDPA's cuDNN path would build this
+    bias again in every layer."""
     bias = torch.zeros(attention_mask.shape[0], 1, 1, attention_mask.shape[1], dtype=dtype,
                        device=attention_mask.device)
     return bias.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(dtype).min)
