@@ -256,12 +256,20 @@ def test_fallback_eval_loss_is_a_per_item_mean(tmp_path):
     assert valid["loss"] == pytest.approx(valid["mse"], rel=1e-6)
 
 
-def test_pretraining_eval_reads_at_most_one_pass(data):
+def test_pretraining_eval_reads_every_sample_once(data):
+    """Evaluation is one full pass: every stored sample once, the last batch short, on any number of
+    ranks; a cap of k batches reads the first k."""
     task = pretrain_task(data)
     valid = task.eval_datasets()["valid"]
-    one_pass = max(1, len(valid) // 4)
-    batches = list(task.make_loader(valid, 4, 0, 1, 0, 10 * one_pass, False))
-    assert len(batches) == one_pass
+    n = len(valid)
+    batch = next(b for b in range(5, 20) if n % b and 0 < n % (4 * b) <= 3 * b)   # short, misses rank 3
+    batches = list(task.make_loader(valid, batch, 0, 1, 0, None, False))
+    assert len(batches) == -(-n // batch) and len(batches[-1]["input_ids"]) == n % batch
+    assert torch.equal(torch.cat([b["input_ids"] for b in batches]), valid.get_batch(range(n))["input_ids"])
+    per_rank = [list(task.make_loader(valid, batch, rank, 4, 0, None, False)) for rank in range(4)]
+    assert sum(len(b["input_ids"]) for bs in per_rank for b in bs) == n
+    assert len(per_rank[0]) == len(per_rank[3]) + 1   # the last global batch does not reach rank 3
+    assert len(list(task.make_loader(valid, batch, 0, 1, 0, 2, False))) == 2
 
 
 def test_sigterm_writes_a_checkpoint_exits_0_and_resumes(data, tmp_path):

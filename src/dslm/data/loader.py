@@ -50,3 +50,36 @@ def make_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, nu
     return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers,
                                        pin_memory=pin_memory,
                                        prefetch_factor=prefetch_factor if num_workers > 0 else None)
+
+
+class EvalBatches(torch.utils.data.Dataset):
+    """Item ``k`` = this rank's part of global evaluation batch ``k``: one pass over every item of
+    ``dataset``, the last batch shorter where the items run out (a rank whose part would be empty
+    gets one batch fewer), so no item is dropped and none is scored twice."""
+
+    def __init__(self, dataset, batch_size: int, rank: int, world_size: int, max_batches: int | None = None):
+        self.dataset, self.batch_size, self.rank = dataset, batch_size, rank
+        self.per_global = batch_size * world_size
+        n = len(dataset)
+        count = max(0, -(-(n - rank * batch_size) // self.per_global))
+        self.count = count if max_batches is None else min(count, max_batches)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        if not 0 <= k < self.count:
+            raise IndexError(k)
+        first = k * self.per_global + self.rank * self.batch_size
+        return self.dataset.get_batch(range(first, min(first + self.batch_size, len(self.dataset))))
+
+
+def make_eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                     max_batches: int | None = None, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader of this rank's :class:`EvalBatches` (at most ``max_batches`` of them)."""
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise UsageError(f"batch_size {batch_size}, rank {rank}, world_size {world_size}: need batch_size >= 1 "
+                         "and 0 <= rank < world_size")
+    return torch.utils.data.DataLoader(EvalBatches(dataset, batch_size, rank, world_size, max_batches),
+                                       batch_size=None, shuffle=False, num_workers=num_workers,
+                                       pin_memory=pin_memory)

@@ -622,7 +622,8 @@ def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
                 summary.setdefault("loss", loss_sum / micro_steps if micro_steps else float("nan"))
                 summary.update(lr=scheduler.get_last_lr()[0],
                                grad_norm=gn_sum / good_steps if good_steps else float("nan"),
-                               tokens_per_s=tps, skipped_steps=float(skipped))
+                               tokens_per_s=tps, skipped_steps=float(skipped),
+                               tokens=float(step * tokens_per_step))   # seen since step 0
                 if flops_per_token and peak:
                     summary["mfu"] = tps * flops_per_token / (peak * world)
                 if device.type == "cuda":

@@ -155,7 +155,11 @@ class PretrainTask:
         return self.dataset("train")
 
     def eval_datasets(self) -> dict:
-        return {"valid": self.dataset("valid"), "test": self.dataset("test")}
+        """valid and test as fixed evaluation sets: masks drawn once with a seed of their own and
+        stored in the dataset directory, so every run and every evaluation scores the same positions."""
+        from dslm.data.evalset import FrozenEvalSet
+
+        return {split: FrozenEvalSet(self.data_dir, split, self.seq_len) for split in ("valid", "test")}
 
     def loss_and_metrics(self, model, batch):
         return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
@@ -165,11 +169,11 @@ class PretrainTask:
         return summarize_pretraining(sums)
 
     def make_loader(self, dataset, batch_size, rank, world_size, start_step, num_steps, train):
-        from dslm.data import make_loader
+        from dslm.data.loader import make_eval_loader, make_loader
 
-        if not train:  # at most one pass (at least one batch): no sample is evaluated twice
-            one_pass = max(1, len(dataset) // (batch_size * world_size))
-            num_steps = one_pass if num_steps is None else min(num_steps, one_pass)
+        if not train:  # one pass over every sample (the last batch may be short), or its first batches
+            return make_eval_loader(dataset, batch_size, rank, world_size, max_batches=num_steps,
+                                    pin_memory=self.pin_memory)
         return make_loader(dataset, batch_size, rank, world_size, self.num_workers, start_step, num_steps,
                            pin_memory=self.pin_memory)
 
