@@ -45,6 +45,27 @@ def test_one_placement(tmp_path, data_dir):
     assert (out / "preln_backward.png").exists() and not (out / "postln_backward.png").exists()
 
 
+def test_deepnorm_draws_post_ln_only(tmp_path, data_dir, capsys):
+    out = tmp_path / "deepnorm"
+    assert main(["figures", "--init", "deepnorm", "--out", str(out), "--data", str(data_dir), *TINY]) == 0
+    for name in ("postln_forward.png", "postln_backward.png", "correlation.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert not list(out.glob("preln_*"))
+    record = json.loads((out / "signal_propagation.json").read_text())
+    [run] = record["runs"]
+    assert run["ln"] == "post" and run["init"] == "deepnorm"
+    # 4 layers: the stream after each layer is ~alpha^2 = sqrt(8), measured and predicted
+    alpha2 = 8 ** 0.5
+    for key in ("forward_variance", "predicted_forward_variance"):
+        assert len(run[key]) == 4 and all(abs(v / alpha2 - 1) < 0.05 for v in run[key]), key
+    assert run["agreement"]["forward_variance"]["max_rel_error"] < 0.05
+    assert "deepnorm Post-LN" in capsys.readouterr().out
+    assert main(["figures", "--init", "deepnorm", "--placements", "pre", "--out", str(tmp_path / "x"),
+                 "--data", str(data_dir), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "Post-LN scheme" in err and not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--heads", "5"], "does not divide"),
     (["--dropout", "1.0"], "--dropout"),

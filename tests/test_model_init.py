@@ -1,5 +1,6 @@
-"""Init schemes: every weight's std matches THEORY.md section 3's table (exact plan, sampled values
-within sampling error), biases 0, LayerNorms 1/0, the DSLM s_vo recursion per layer, logit scale."""
+"""Init schemes: every weight's std matches THEORY.md section 3's table and DeepNorm's closed forms
+(exact plan, sampled values within sampling error), biases 0, LayerNorms 1/0, the DSLM s_vo
+recursion per layer (with scaling and init-only), logit scale."""
 import math
 
 import numpy as np
@@ -18,11 +19,24 @@ def _config(init, **kw):
                       max_position_embeddings=128, hidden_dropout=P, init=init, **kw)
 
 
+def _deepnorm_expected(role, d, n):
+    """DeepNet's encoder init as torchscale sets it, written out (d_f = 4d): Q/K/V Xavier over (d, d)
+    with gain 1/sqrt(2), output Xavier, FFN Xavier; V, output and FFN divided by (8N)^(1/4)."""
+    b = (8 * n) ** -0.25
+    return {"embedding": math.sqrt(1 / d), "q": math.sqrt(1 / (2 * d)), "k": math.sqrt(1 / (2 * d)),
+            "v": math.sqrt(1 / (2 * d)) * b, "attn_out": math.sqrt(1 / d) * b,
+            "ffn_in": math.sqrt(2 / (5 * d)) * b, "ffn_out": math.sqrt(2 / (5 * d)) * b,
+            "lm_dense": 1 / math.sqrt(d), "pooler": 1 / math.sqrt(d),
+            "binary": math.sqrt(2 / (d + 2))}[role]
+
+
 def _expected(init, role, layer):
     """THEORY.md section 3's table written out (d_h = 32, d_f = 4d)."""
     d, d_h = D, D // HEADS
     if init == "megatron":
         return 0.02
+    if init == "deepnorm":
+        return _deepnorm_expected(role, D, N)
     if init == "xavier":
         return {"embedding": math.sqrt(1 / d), "q": math.sqrt(2 / (d + d_h)),
                 "k": math.sqrt(2 / (d + d_h)), "v": math.sqrt(2 / (d + d_h)),
@@ -38,7 +52,7 @@ def _expected(init, role, layer):
             "lm_dense": 1 / math.sqrt(d), "pooler": 1 / math.sqrt(d), "binary": 1 / math.sqrt(d)}[role]
 
 
-@pytest.mark.parametrize("init", ["megatron", "xavier", "dslm"])
+@pytest.mark.parametrize("init", ["megatron", "xavier", "dslm", "deepnorm"])
 def test_init_stds_match_table(init):
     torch.manual_seed(0)
     config = _config(init)
@@ -116,6 +130,60 @@ def test_scaling_only_uses_megatron_weights():
     assert all(e.std == 0.02 for e in init_plan(model))
     layer = model.bert.layers[0]
     assert layer.beta ** 2 == pytest.approx(1 / N) and layer.lam ** 2 == pytest.approx(1 - 1 / N)
+
+
+@pytest.mark.parametrize("layers", [6, 200])
+def test_deepnorm_stds_closed_forms_at_two_depths(layers):
+    d = 32
+    config = BertConfig(vocab_size=300, hidden_size=d, num_layers=layers, num_heads=4,
+                        max_position_embeddings=16, init="deepnorm")
+    torch.manual_seed(0)
+    model = BertForPreTraining(config)
+    params = dict(model.named_parameters())
+    pooled = {}
+    for entry in init_plan(model):
+        assert entry.std == pytest.approx(_deepnorm_expected(entry.role, d, layers), rel=1e-12), entry
+        w = params[entry.name].detach()
+        if entry.rows is not None:
+            w = w[entry.rows[0]:entry.rows[1]]
+        pooled.setdefault(entry.role, []).append(w.reshape(-1))
+    for role, ws in pooled.items():   # the drawn values, pooled over layers
+        w = torch.cat(ws)
+        expected = _deepnorm_expected(role, d, layers)
+        assert abs(w.std().item() - expected) < 5 * expected / math.sqrt(2 * w.numel()), role
+    # the down-scaled roles differ by (8N)^(-1/4) between the two depths: 0.2 at N = 200
+    s = scheme_stds(config)
+    assert s["v"] == [pytest.approx(math.sqrt(1 / (2 * d)) * (8 * layers) ** -0.25)] * layers
+    assert model.bert.layers[0].lam == pytest.approx((2 * layers) ** 0.25)
+    assert model.bert.layers[-1].beta == 1.0
+
+
+def _init_only_vo(d, n, p, r0):
+    """The s_vo recursion of THEORY.md section 3 with plain residual adds, lam^2 = beta^2 = 1."""
+    r, s, out = r0 * (1 - p), 1.0, []
+    for _ in range(n):
+        out.append(math.sqrt(math.sqrt((1 - p) / r) / d))
+        r, s = (r * s + (1 - p)) / (s + 1), s + 1                        # attention
+        blk = (1 - p) * (r + (math.sqrt(1 - r * r) - r * math.acos(r)) / math.pi)
+        r, s = (r * s + blk) / (s + 1), s + 1                            # FFN
+    return np.array(out)
+
+
+def test_dslm_init_only_recursion_uses_plain_residual_adds():
+    config = _config("dslm", dslm_mode="init", r0=0.3)
+    assert config.residual_variances() == (1.0, 1.0)
+    vo = np.array(scheme_stds(config)["v"])
+    np.testing.assert_allclose(vo, _init_only_vo(D, N, P, 0.3), rtol=1e-12)
+    np.testing.assert_allclose(scheme_stds(config)["attn_out"], vo, rtol=0)
+    # the recursion with DSLM's own scales (beta^2 = 1/N) gives other stds from layer 2 on
+    scaled = dslm_stds(D, N, P, 1 - 1 / N, 1 / N, 0.3).vo
+    assert vo[0] == pytest.approx(scaled[0])
+    assert np.all(np.abs(vo[1:] / scaled[1:] - 1) > 0.01)
+    torch.manual_seed(2)
+    layer = BertForPreTraining(config).bert.layers[-1]
+    v = layer.attention.qkv.weight.detach()[2 * D:]
+    assert abs(v.std().item() - vo[-1]) < 5 * vo[-1] / math.sqrt(2 * D * D)
+    assert layer.lam == 1.0 and layer.beta == 1.0
 
 
 def test_non_default_ffn_width_keeps_dslm_block_variance():

@@ -103,6 +103,21 @@ def test_xavier_postln_gradients_grow_toward_output(runs):
     assert agreement(pred.correlation, measured.correlation)["r2"] > 0.8
 
 
+def test_deepnorm_forward_variance_and_flat_gradients():
+    layers = 24
+    measured, pred = _measure_and_predict("deepnorm", "post", layers=layers, d=64)
+    alpha2 = (2 * layers) ** 0.5
+    # the stream after each layer is alpha^2 LN(.) plus a block of variance ~0.04/N: ~alpha^2
+    assert np.all(np.abs(pred.forward_variance - alpha2) / alpha2 < 0.01)
+    assert np.max(np.abs(pred.forward_variance - measured.forward_variance)
+                  / measured.forward_variance) < 0.2
+    assert np.max(np.abs(pred.correlation - measured.correlation)) < 0.05
+    # alpha keeps Post-LN's gradients from vanishing toward the input
+    assert pred.grad_norm.max() / pred.grad_norm.min() < 1.05
+    p = normalise(pred.grad_norm, measured.grad_norm)
+    assert np.max(np.abs(p - measured.grad_norm) / measured.grad_norm) < 0.3
+
+
 def test_agreement_and_normalise():
     m = np.array([1.0, 2.0, 4.0])
     assert agreement(m, m) == {"r2": 1.0, "max_rel_error": 0.0, "log": False, "flat": False}

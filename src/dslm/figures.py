@@ -2,9 +2,10 @@
 forward/backward on a real-text batch in training mode, predict the same curves from the component
 theory, and plot both.
 
-For each LayerNorm placement (--placements, default pre and post) the command writes into --out:
+For each LayerNorm placement (--placements, default pre and post; --init deepnorm is a Post-LN
+scheme and draws Post-LN only) the command writes into --out:
 preln_forward.png, preln_backward.png, postln_forward.png, postln_backward.png (measured curve with
-the prediction overlaid), correlation.png (cross-token correlation, both placements) and
+the prediction overlaid), correlation.png (cross-token correlation, every placement drawn) and
 signal_propagation.json (every per-layer number, the predictions and their agreement). Forward
 variance and correlation are absolute predictions; the predicted gradient norms are relative and
 are scaled by the one constant (the loss's gradient scale) that matches their geometric mean to the
@@ -13,6 +14,7 @@ fp32, dropout 0.1; dslm lam2/beta2 0.995/0.005); --preset small is a CPU-sized d
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -34,13 +36,16 @@ PRESETS = {
                   dropout=0.1, lam2=None, beta2=None),
 }
 PLACEMENTS = ("pre", "post")
-INITS = ("xavier", "dslm", "megatron")
+INITS = ("xavier", "dslm", "megatron", "deepnorm")
+POST_LN_ONLY = ("deepnorm",)
 DEFAULT_DATA = Path("outputs") / "data" / "embedded"
 LN_NAME = {"pre": "Pre-LN", "post": "Post-LN"}
 
 
 def add_arguments(p):
-    p.add_argument("--init", choices=INITS, default="xavier", help="init scheme of the model")
+    p.add_argument("--init", choices=INITS, default="xavier",
+                   help="init scheme of the model (deepnorm is Post-LN only: only the Post-LN "
+                        "figures are drawn)")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="model and batch size (default: paper on a GPU, small on a CPU)")
     p.add_argument("--out", default=None, metavar="DIR",
@@ -50,8 +55,9 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=1234, help="seed of the model weights, the batch and dropout")
     p.add_argument("--data", default=None, metavar="DIR",
                    help=f"prepared dataset (default: the embedded corpus, prepared on first use in {DEFAULT_DATA})")
-    p.add_argument("--placements", nargs="+", choices=PLACEMENTS, default=list(PLACEMENTS),
-                   help="LayerNorm placements to run")
+    p.add_argument("--placements", nargs="+", choices=PLACEMENTS, default=argparse.SUPPRESS,
+                   help="LayerNorm placements to run (default: pre post; with --init deepnorm: post, "
+                        "the only placement DeepNorm is defined for)")
     g = p.add_argument_group("overrides of the preset")
     g.add_argument("--layers", type=int, default=None)
     g.add_argument("--hidden", type=int, default=None, help="hidden size d")
@@ -113,6 +119,16 @@ def _settings(args, device) -> dict:
         if not 0.0 < s["r0"] <= 1.0:
             raise UsageError(f"--r0 must be in (0, 1], got {args.r0}")
     return s
+
+
+def _placements(args) -> list[str]:
+    given = getattr(args, "placements", None)
+    if given is None:
+        return ["post"] if args.init in POST_LN_ONLY else list(PLACEMENTS)
+    placements = list(dict.fromkeys(given))
+    if args.init in POST_LN_ONLY and "pre" in placements:
+        raise UsageError(f"--placements pre: --init {args.init} is a Post-LN scheme (use post)")
+    return placements
 
 
 def _config(s: dict, init: str, ln: str, vocab_size: int, r0=None):
@@ -293,10 +309,12 @@ def _describe(run) -> str:
     c = run["config"]
     text = (f"{run['init']} {LN_NAME[run['ln']]}, {c['num_layers']} layers, d {c['hidden_size']}, "
             f"L {run['batch']['seq_len']}, batch {run['batch']['sequences']}")
-    if run["init"] == "dslm":
-        from dslm.theory import residual_scales
+    from dslm.model import BertConfig
 
-        lam2, beta2 = residual_scales(c["num_layers"], c["dslm_k"], c["lam2"], c["beta2"])
+    lam2, beta2 = BertConfig.from_dict(c).residual_variances()
+    if run["init"] == "deepnorm":
+        text += f", $\\alpha$ {math.sqrt(lam2):.4g}"
+    elif (lam2, beta2) != (1.0, 1.0):
         text += f", $\\lambda^2$/$\\beta^2$ {lam2:.4g}/{beta2:.4g}"
     return text
 
@@ -349,7 +367,7 @@ def run(args) -> int:
     start = time.perf_counter()
     device = _device(args.device)
     s = _settings(args, device)
-    placements = list(dict.fromkeys(args.placements))
+    placements = _placements(args)
     out = Path(args.out) if args.out else Path("outputs") / "figures" / args.init
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")

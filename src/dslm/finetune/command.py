@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--ffn", type=int, default=None, help="FFN width (default 4 d)")
     m.add_argument("--ln", choices=("post", "pre"), default=FRESH["ln"], help="LayerNorm placement")
     m.add_argument("--activation", choices=("relu", "gelu"), default=FRESH["activation"], help="FFN activation")
-    m.add_argument("--init", choices=("megatron", "xavier", "dslm"), default=FRESH["init"], help="init scheme")
+    from dslm.model.config import INIT_CHOICES
+    m.add_argument("--init", choices=INIT_CHOICES, default=FRESH["init"], help="init scheme (deepnorm: Post-LN only)")
     # no --cuda-graphs: finetuning batches are padded to their longest example, so shapes vary
     add_train_arguments(parser, COMMON, exclude=("cuda_graphs",))
     for action in parser._actions:

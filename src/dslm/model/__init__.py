@@ -1,4 +1,5 @@
-"""The BERT model: config, modules, init schemes (megatron / xavier / dslm) and HF interop
+"""The BERT model: config, modules, init schemes (megatron / xavier / dslm /
+deepnorm) and HF interop
 (:mod:`dslm.model.hf`, imported on demand since it needs ``transformers``)."""
 from dslm.model.config import BertConfig  # noqa: F401
 from dslm.model.bert import (  # noqa: F401

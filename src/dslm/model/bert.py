@@ -19,6 +19,7 @@ any following LayerNorm); :func:`dslm.model.hf.hf_hidden_states` maps them to HF
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -103,7 +104,8 @@ class FeedForward(nn.Module):
 
 class TransformerLayer(nn.Module):
     """One layer; both residual adds are x_next = lam x + beta Dropout(block(...)) (the block's
-    bias included), lam = beta = 1 unless DSLM residual scaling is on."""
+    bias included), with (lam^2, beta^2) = ``config.residual_variances()``: (1, 1) for plain adds,
+    lam^2 + beta^2 = 1 with DSLM residual scaling, (alpha^2, 1) with DeepNorm."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -114,7 +116,8 @@ class TransformerLayer(nn.Module):
         self.ln2 = nn.LayerNorm(d, eps=eps)
         self.ffn = FeedForward(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
-        self.lam, self.beta = config.residual_scales()
+        lam2, beta2 = config.residual_variances()
+        self.lam, self.beta = math.sqrt(lam2), math.sqrt(beta2)
 
     def _residual(self, x, block):
         block = self.dropout(block)

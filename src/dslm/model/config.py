@@ -1,19 +1,21 @@
 """The BERT configuration: one dataclass, validated on construction.
 
 Everything that changes what the model computes is here: sizes, LayerNorm placement, activation,
-dropout, and the init scheme with DeepScaleLM's options. The derived DSLM quantities (residual scales
-lam/beta and the LM-logit scale) come from :mod:`dslm.theory.dslm_init`, the one source of truth.
+dropout, and the init scheme with DeepScaleLM's options. The residual scales of every scheme are
+resolved in one place, :meth:`BertConfig.residual_variances`; the DSLM quantities (lam^2/beta^2 of
+residual scaling, the s_vo recursion, the LM-logit scale) come from :mod:`dslm.theory.dslm_init` and
+DeepNorm's constants from :mod:`dslm.theory.deepnorm`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
+from dslm.theory.deepnorm import deepnorm_alpha
 from dslm.theory.dslm_init import REFERENCE_R0, dslm_stds, residual_scales
 
 LN_CHOICES = ("post", "pre")
 ACTIVATION_CHOICES = ("relu", "gelu")
-INIT_CHOICES = ("megatron", "xavier", "dslm")
+INIT_CHOICES = ("megatron", "xavier", "dslm", "deepnorm")
 DSLM_MODE_CHOICES = ("both", "init", "scaling")
 
 
@@ -22,11 +24,16 @@ class BertConfig:
     """Configuration of :class:`dslm.model.bert.BertModel` / ``BertForPreTraining``.
 
     ``ln``: "post" or "pre", the Megatron convention of THEORY.md section 3.
-    ``init``: "megatron" (all 0.02), "xavier" or "dslm" (THEORY.md section 3's table).
+    ``init``: "megatron" (all 0.02), "xavier" or "dslm" (THEORY.md section 3's table), or
+    "deepnorm" (DeepNet's Post-LN scheme: x_next = LN(alpha x + block), alpha = (2N)^(1/4), see
+    :mod:`dslm.model.init`); "deepnorm" requires ``ln="post"``.
     ``dslm_mode`` (only with ``init="dslm"``): "both" = DSLM init + residual scaling, "init" = DSLM
-    init with plain residual adds (lam = beta = 1), "scaling" = residual scaling on the megatron init.
-    ``lam2``/``beta2``: residual scales (lam^2 + beta^2 = 1); None derives beta^2 = dslm_k / N.
+    init with plain residual adds (lam = beta = 1, and the s_vo recursion run with them),
+    "scaling" = residual scaling on the megatron init.
+    ``lam2``/``beta2``: DSLM residual scales (lam^2 + beta^2 = 1); None derives beta^2 = dslm_k / N.
+    Used only where DSLM residual scaling is on (modes "both" and "scaling").
     ``r0``: correlation of the summed input embeddings used by the s_vo recursion.
+    :meth:`residual_variances` gives the (lam^2, beta^2) the residual adds actually use.
     """
 
     vocab_size: int = 30522
@@ -76,8 +83,9 @@ class BertConfig:
         self.r0 = float(self.r0)
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id must be in [0, vocab_size), got {self.pad_token_id}")
-        if self.init == "dslm":  # the s_vo recursion needs lam^2/beta^2 even without scaling
-            residual_scales(self.num_layers, self.dslm_k, self.lam2, self.beta2)  # raises ValueError
+        if self.init == "deepnorm" and self.ln != "post":
+            raise ValueError(f"init='deepnorm' is a Post-LN scheme: it needs ln='post', got ln={self.ln!r}")
+        self.residual_variances()  # DSLM residual scaling: raises ValueError for impossible lam2/beta2
 
     # ---- derived quantities -------------------------------------------------------------------
     @property
@@ -91,7 +99,8 @@ class BertConfig:
 
     @property
     def uses_residual_scaling(self) -> bool:
-        """The residual adds are x_next = lam x + beta block (lam^2 + beta^2 = 1)."""
+        """DSLM residual scaling: the residual adds are x_next = lam x + beta block with
+        lam^2 + beta^2 = 1."""
         return self.init == "dslm" and self.dslm_mode in ("both", "scaling")
 
     @property
@@ -101,17 +110,25 @@ class BertConfig:
             return "megatron"
         return self.init
 
-    def residual_scales(self) -> tuple[float, float]:
-        """(lam, beta) of both residual adds: (1, 1) unless DSLM residual scaling is on."""
-        if not self.uses_residual_scaling:
-            return 1.0, 1.0
-        lam2, beta2 = residual_scales(self.num_layers, self.dslm_k, self.lam2, self.beta2)
-        return math.sqrt(lam2), math.sqrt(beta2)
+    def residual_variances(self) -> tuple[float, float]:
+        """(lam^2, beta^2) of both residual adds of every layer, x_next = lam x + beta Dropout(block):
+        the one place they are resolved (the model, its init and the theory predictor all use it).
+
+        - DSLM residual scaling (``dslm_mode`` "both" or "scaling"): lam^2 + beta^2 = 1 from
+          ``lam2``/``beta2``, or beta^2 = dslm_k / N (:func:`dslm.theory.dslm_init.residual_scales`);
+        - DeepNorm: (alpha^2, 1) with alpha = (2N)^(1/4);
+        - otherwise plain adds, (1, 1) (DSLM init-only included).
+        """
+        if self.uses_residual_scaling:
+            return residual_scales(self.num_layers, self.dslm_k, self.lam2, self.beta2)
+        if self.init == "deepnorm":
+            return deepnorm_alpha(self.num_layers) ** 2, 1.0
+        return 1.0, 1.0
 
     def dslm_stds(self):
-        """:class:`dslm.theory.dslm_init.DSLMStds` for this config (its lam2/beta2; for the
-        init-only variant, the ones residual scaling would use)."""
-        lam2, beta2 = residual_scales(self.num_layers, self.dslm_k, self.lam2, self.beta2)
+        """:class:`dslm.theory.dslm_init.DSLMStds` for this config, its s_vo recursion run with the
+        residual adds' own (lam^2, beta^2): lam^2 = beta^2 = 1 for the init-only variant."""
+        lam2, beta2 = self.residual_variances()
         return dslm_stds(self.hidden_size, self.num_layers, self.hidden_dropout, lam2, beta2,
                          self.r0)
 

@@ -44,13 +44,14 @@ def config_from_hf(hf_config) -> BertConfig:
 
 
 def config_to_hf(config: BertConfig):
-    """An HF ``BertConfig`` for our config (Post-LN, no DSLM scaling or logit scale)."""
+    """An HF ``BertConfig`` for our config (Post-LN, plain residual adds, no logit scale)."""
     import transformers
 
     if config.ln != "post":
         raise ValueError("only Post-LN models convert to HF BERT (ln='post')")
-    if config.residual_scales() != (1.0, 1.0) or config.logit_scale() != 1.0:
-        raise ValueError("DSLM residual scaling / logit scale have no HF BERT equivalent")
+    if config.residual_variances() != (1.0, 1.0) or config.logit_scale() != 1.0:
+        raise ValueError("residual scales (DSLM scaling, DeepNorm's alpha) and the DSLM logit "
+                         "scale have no HF BERT equivalent")
     return transformers.BertConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,

@@ -1,20 +1,32 @@
-"""Initialisation schemes of the reference BERT (THEORY.md section 3), applied to a built model.
+"""Initialisation schemes, applied to a built model: the reference BERT's (THEORY.md section 3) and
+DeepNorm (DeepNet, Wang et al. 2022) as a baseline.
 
-| weight                              | megatron | xavier            | dslm                          |
-|-------------------------------------|----------|-------------------|-------------------------------|
-| word, position, token-type (each)   | 0.02     | sqrt(1/d)         | sqrt((1 - p)/3)               |
-| Q and K                             | 0.02     | sqrt(2/(d + d_h)) | sqrt(1/d)                     |
-| V                                   | 0.02     | sqrt(2/(d + d_h)) | s_vo(layer)                   |
-| attention output                    | 0.02     | sqrt(1/d)         | s_vo(layer)                   |
-| FFN in and out                      | 0.02     | sqrt(2/(d + d_f)) | (2 (1 - p)/(d d_f))^(1/4)     |
-| LM-head dense, pooler               | 0.02     | 1/sqrt(d)         | 1/sqrt(d)                     |
-| binary head d -> 2                  | 0.02     | sqrt(2/(d + 2))   | 1/sqrt(d)                     |
+| weight                  | megatron | xavier            | dslm                      | deepnorm               |
+|-------------------------|----------|-------------------|---------------------------|------------------------|
+| embeddings (each table) | 0.02     | sqrt(1/d)         | sqrt((1 - p)/3)           | sqrt(1/d)              |
+| Q and K                 | 0.02     | sqrt(2/(d + d_h)) | sqrt(1/d)                 | sqrt(1/(2d))           |
+| V                       | 0.02     | sqrt(2/(d + d_h)) | s_vo(layer)               | sqrt(1/(2d)) b_DN      |
+| attention output        | 0.02     | sqrt(1/d)         | s_vo(layer)               | sqrt(1/d) b_DN         |
+| FFN in and out          | 0.02     | sqrt(2/(d + d_f)) | (2 (1 - p)/(d d_f))^(1/4) | sqrt(2/(d + d_f)) b_DN |
+| LM-head dense, pooler   | 0.02     | 1/sqrt(d)         | 1/sqrt(d)                 | 1/sqrt(d)              |
+| binary head d -> 2      | 0.02     | sqrt(2/(d + 2))   | 1/sqrt(d)                 | sqrt(2/(d + 2))        |
 
-All biases 0, LayerNorm gain 1 / bias 0. With d_f = 4d the FFN entries are the table's
-sqrt(2/(5d)) and sqrt(sqrt((1 - p)/2)/d); for other widths they keep the same meaning (Xavier's
-fan average; DSLM's FFN output variance 1 - p). The DSLM numbers come from
-:func:`dslm.theory.dslm_init.dslm_stds` (via :meth:`BertConfig.dslm_stds`), including the per-layer
-s_vo recursion; the LM-logit scale and the residual scales live in the config.
+All biases 0, LayerNorm gain 1 / bias 0, every weight drawn from a normal distribution. With
+d_f = 4d the FFN entries are the table's sqrt(2/(5d)) and sqrt(sqrt((1 - p)/2)/d); for other widths
+they keep the same meaning (Xavier's fan average; DSLM's FFN output variance 1 - p). The DSLM
+numbers come from :func:`dslm.theory.dslm_init.dslm_stds` (via :meth:`BertConfig.dslm_stds`),
+including the per-layer s_vo recursion; the LM-logit scale lives in the config.
+
+DeepNorm's column follows torchscale's encoder init (:mod:`dslm.theory.deepnorm` names the files and
+functions it was checked against, and where it differs): Q/K/V Xavier over (d, d) with gain
+1/sqrt(2), attention output Xavier with gain 1, FFN Xavier (as the DeepNet paper describes; torchscale
+keeps nn.Linear's default there), and V, attention output and FFN scaled by b_DN = (8N)^(-1/4)
+(DeepNet's beta, an init scale; the residual adds' beta is 1). DeepNorm is Post-LN only. torchscale
+draws uniforms, the model draws normals of the same variance. Embeddings and heads are the xavier
+column's. Its residual adds are x_next = LN(alpha x + block), alpha = (2N)^(1/4).
+
+The embeddings row is each of the word, position and token-type tables. The residual scales of every
+scheme come from :meth:`BertConfig.residual_variances`.
 """
 from __future__ import annotations
 
@@ -25,6 +37,7 @@ import torch
 from torch import nn
 
 from dslm.model.config import BertConfig
+from dslm.theory.deepnorm import deepnorm_stds
 
 MEGATRON_STD = 0.02
 
@@ -52,6 +65,11 @@ def scheme_stds(config: BertConfig) -> dict:
         return dict(embedding=math.sqrt(1 / d), qk=math.sqrt(2 / (d + d_h)),
                     v=[math.sqrt(2 / (d + d_h))] * n, attn_out=[math.sqrt(1 / d)] * n,
                     ffn=math.sqrt(2 / (d + d_f)), head=1 / math.sqrt(d),
+                    binary=math.sqrt(2 / (d + 2)))
+    if scheme == "deepnorm":
+        dn = deepnorm_stds(d, d_f, n)
+        return dict(embedding=math.sqrt(1 / d), qk=dn["qk"], v=[dn["v"]] * n,
+                    attn_out=[dn["attn_out"]] * n, ffn=dn["ffn"], head=1 / math.sqrt(d),
                     binary=math.sqrt(2 / (d + 2)))
     stds = config.dslm_stds()
     vo = [float(v) for v in stds.vo]
@@ -95,7 +113,7 @@ def init_plan(model: nn.Module, config: BertConfig | None = None) -> list[InitEn
 @torch.no_grad()
 def init_weights(model: nn.Module, config: BertConfig | None = None,
                  generator: torch.Generator | None = None) -> nn.Module:
-    """Initialise ``model`` in place by ``config.init`` (megatron / xavier / dslm): weights from
+    """Initialise ``model`` in place by ``config.init`` (megatron / xavier / dslm / deepnorm): weights from
     N(0, std^2) per :func:`init_plan`, every bias 0, every LayerNorm gain 1 and bias 0."""
     config = config or model.config
     for module in model.modules():

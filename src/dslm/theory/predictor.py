@@ -17,9 +17,11 @@ LayerNorm's output, whose norms are fixed, and applying the full correction twic
 lose ~N/d of the correlation that the measurement keeps, so the correction is scaled by phi. Embeddings: three tables of
 std s_e, summed (variance 3 s_e^2, correlation r0), then dropout. A sub-layer is LayerNorm
 (:func:`layernorm`), the block, hidden dropout (:func:`dropout`) and the residual mix
-x <- lam x + beta block, whose variances and covariances add (the block's weights are independent of
-x). The attention block is :func:`attention_head` (per head: Q/K/V d -> d_h, softmax over the L real
-tokens, attention dropout) followed by the output :func:`linear`; the FFN is :func:`ffn_block`.
+x <- lam x + beta block with the config's (lam^2, beta^2) (:meth:`BertConfig.residual_variances`:
+plain adds, DSLM scaling or DeepNorm's alpha), whose variances and covariances add (the block's
+weights are independent of x). The attention block is :func:`attention_head` (per head: Q/K/V
+d -> d_h, softmax over the L real tokens, attention dropout) followed by the output :func:`linear`;
+the FFN is :func:`ffn_block`.
 
 Backward. A gradient is (variance g2, cross-token covariance), pushed from the top of the stack down
 with the backward moments of the same components: dropout, linear (fan-out times s_w^2), ReLU/GeLU
@@ -148,8 +150,7 @@ def predict(config, seq_len=None, batch_size=None, r0=None, lengths=None,
     d_h, N = config.head_dim, config.num_layers
     p, pa = float(config.hidden_dropout), float(config.attention_dropout)
     act = config.activation
-    lam, beta = config.residual_scales()
-    lam2, beta2 = lam * lam, beta * beta
+    lam2, beta2 = config.residual_variances()
     stds = scheme_stds(config)
     s_qk, s_f = stds["qk"], stds["ffn"]
     r0 = float(config.r0 if r0 is None else r0)

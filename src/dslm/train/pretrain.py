@@ -215,7 +215,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--seq-len", type=int, help="sequence length L")
     m.add_argument("--ln", choices=("post", "pre"), help="LayerNorm placement")
     m.add_argument("--activation", choices=("relu", "gelu"), help="FFN activation")
-    m.add_argument("--init", choices=("megatron", "xavier", "dslm"), help="init scheme")
+    from dslm.model.config import INIT_CHOICES
+    m.add_argument("--init", choices=INIT_CHOICES, help="init scheme (deepnorm: Post-LN only)")
     m.add_argument("--dslm-mode", choices=("both", "init", "scaling"), default="both",
                    help="with --init dslm: init + residual scaling, init only, or scaling only")
     m.add_argument("--lam2", type=float, default=None, help="DSLM lambda^2 (default 1 - beta^2)")
