@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("dslm.train.pretrain", "pretrain BERT (MLM + binary head) with the dslm training engine"),
     "finetune": ("dslm.finetune.command", "finetune a pretrained BERT on MNLI, QQP, RACE or the shipped demo task"),
     "finetune-sweep": ("dslm.finetune.sweep", "run a finetuning lr x seed sweep and write its results table"),
+    "study": ("dslm.study.command", "run a pretraining study (shapes x schemes x lrs x seeds) and its results"),
 }
 
 

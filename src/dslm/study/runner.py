@@ -1,0 +1,291 @@
+"""Run a study: ``dslm pretrain`` processes scheduled over GPU slots (or CPU jobs), one record each.
+
+Every run is a separate ``python -m dslm pretrain`` process, the same code path as a user's run, in
+its own folder ``<work>/<run id>/`` (checkpoints, metrics.jsonl, TensorBoard, log.txt). When it
+ends, the runner writes ``<out>/records/<run id>.json`` (temp file + rename): the exact flags, the
+status (done / nonfinite / failed), the final valid and test metrics, speed, and the curves. The
+records are the study's memory: a finished run is never run again, a run whose folder holds a
+checkpoint resumes from it (``--load``), and anything else starts over. The spec's planner
+(:func:`dslm.study.spec.plan`) is asked again after every finished run, so the learning-rate
+extensions and the seed repeats start as soon as they are known.
+
+``time_limit`` (seconds) bounds a batch of work: no run starts unless the runs of its shape so far
+say it will finish in time, and at the limit the running ones get SIGTERM (each writes a checkpoint
+and is resumed next time). SIGTERM / SIGINT to the study does the same at once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dslm.data.files import write_json_atomic
+from dslm.errors import UsageError
+from dslm.study.spec import Run, Spec, as_argv, non_embedding_params, plan, pretrain_flags
+
+RECORDS = "records"
+_CURVE_POINTS = 64
+
+
+@dataclass
+class _Running:
+    run: Run
+    slot: int
+    proc: subprocess.Popen
+    started: float
+    folder: Path
+    flags: dict
+
+
+def read_records(out: Path) -> dict[str, dict]:
+    """The finished runs of a study folder, by run id."""
+    folder = out / RECORDS
+    records = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{path}: unreadable run record ({e}); delete it to run that run again") from None
+        records[record["id"]] = record
+    return records
+
+
+def slots_for(device: str, gpus: int | None, per_gpu: int, jobs: int) -> list[tuple[str, str | None]]:
+    """(device, CUDA_VISIBLE_DEVICES) per concurrent run."""
+    if device == "cpu":
+        return [("cpu", None)] * jobs
+    import torch
+
+    visible = torch.cuda.device_count()
+    if device == "cuda" and visible == 0:
+        raise UsageError("--device cuda: no GPU is visible")
+    if visible == 0:
+        return [("cpu", None)] * jobs
+    count = visible if gpus is None else min(gpus, visible)
+    ids = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = ids.split(",")[:count] if ids else [str(i) for i in range(count)]
+    return [("cuda", name) for name in names for _ in range(per_gpu)]
+
+
+class StudyRunner:
+    def __init__(self, spec: Spec, out: Path, work: Path, slots: list, time_limit: float | None = None,
+                 retry_failed: bool = False, echo=print):
+        self.spec, self.out, self.work, self.slots = spec, out, work, slots
+        self.time_limit, self.echo = time_limit, echo
+        self.records = read_records(out)
+        (out / RECORDS).mkdir(parents=True, exist_ok=True)
+        if retry_failed:
+            for rid in [k for k, r in self.records.items() if r["status"] == "failed"]:
+                (out / RECORDS / f"{rid}.json").unlink()
+                del self.records[rid]
+        self.running: dict[int, _Running] = {}
+        self.stop_reason: str | None = None
+        self.deferred = 0
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def run(self, on_record=None) -> int:
+        """Run until the plan is empty (returns 0), or until the time limit or a signal stops it or
+        runs were left for lack of time (returns 3). ``on_record(record)`` is called after each
+        finished run."""
+        t0 = time.monotonic()
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while True:
+                elapsed = time.monotonic() - t0
+                if self.time_limit is not None and elapsed >= self.time_limit and self.stop_reason is None:
+                    self.stop_reason = f"time limit {self.time_limit:g} s"
+                    self._terminate_all()
+                if self.stop_reason is None:
+                    self._launch_free_slots(elapsed)
+                if not self.running:
+                    break
+                time.sleep(0.2)
+                for slot, job in list(self.running.items()):
+                    if job.proc.poll() is not None:
+                        del self.running[slot]
+                        record = self._collect(job)
+                        if record is not None and on_record:
+                            on_record(record)
+        finally:
+            self._terminate_all()
+            for job in self.running.values():
+                job.proc.wait()
+            for s, handler in old.items():
+                signal.signal(s, handler)
+        return 3 if self.stop_reason or self.deferred else 0
+
+    def pending(self) -> list[Run]:
+        busy = {job.run.id for job in self.running.values()}
+        return [r for r in plan(self.spec, self.records) if r.id not in busy]
+
+    def _on_signal(self, signum, frame):
+        self.stop_reason = signal.Signals(signum).name
+        self._terminate_all()
+
+    def _terminate_all(self):
+        for job in self.running.values():
+            if job.proc.poll() is None:
+                job.proc.send_signal(signal.SIGTERM)
+
+    def _estimate(self, run: Run) -> float:
+        """Seconds a run of this family and shape took so far (the slowest; 0 when none ran)."""
+        walls = [r["wall_s"] for r in self.records.values()
+                 if r["family"] == run.family and r["shape"] == run.shape and r.get("wall_s")]
+        return max(walls) if walls else 0.0
+
+    def _launch_free_slots(self, elapsed: float) -> None:
+        free = [i for i in range(len(self.slots)) if i not in self.running]
+        if not free:
+            return
+        self.deferred = 0
+        for run in self.pending():
+            if not free:
+                break
+            if self.time_limit is not None and elapsed + self._estimate(run) > self.time_limit:
+                self.deferred += 1
+                continue
+            self._launch(run, free.pop(0))
+
+    # ---- one run -------------------------------------------------------------------------------
+    def _launch(self, run: Run, slot: int) -> None:
+        device, visible = self.slots[slot]
+        flags = pretrain_flags(self.spec, run, device)
+        folder = self.work / run.id
+        resume = _has_checkpoint(folder) and _same_flags(folder, flags)
+        if not resume and folder.exists():
+            _clear(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / "run.json", {"id": run.id, "flags": flags})
+        argv = [sys.executable, "-m", "dslm", "pretrain", "--data", self.spec.data, "--out-dir", str(folder),
+                "--device", device, "--no-progress", *as_argv(flags)]
+        if resume:
+            argv += ["--load", str(folder)]
+        env = dict(os.environ)
+        if visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = visible
+        log = open(folder / "log.txt", "a")
+        log.write(f"$ {' '.join(argv)}\n")
+        log.flush()
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log.close()
+        self.running[slot] = _Running(run, slot, proc, time.time(), folder, flags)
+        where = f"GPU {visible}" if visible is not None else device
+        self.echo(f"start  {run.id} on {where}{' (resuming)' if resume else ''}")
+
+    def _collect(self, job: _Running) -> dict | None:
+        """The record of a finished process, written to ``records/``; None when it was stopped (it
+        resumes next time from its checkpoint)."""
+        rc, folder = job.proc.returncode, job.folder
+        final = _read_json(folder / "final_metrics.json")
+        log_tail = _tail(folder / "log.txt")
+        if rc == 0 and final is not None and not final.get("stopped"):
+            status = "done"
+        elif rc == 1 and "non-finite loss" in log_tail:
+            status = "nonfinite"
+        elif self.stop_reason is not None or (final or {}).get("stopped"):
+            self.echo(f"stop   {job.run.id} (checkpointed, resumes on the next call)")
+            return None
+        else:
+            status = "failed"
+        record = self._record(job, status, final or {}, log_tail)
+        write_json_atomic(self.out / RECORDS / f"{job.run.id}.json", record)
+        self.records[job.run.id] = record
+        loss = record.get("valid_mlm_loss")
+        shown = f"valid MLM loss {loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else status
+        self.echo(f"finish {job.run.id}: {shown} ({record['wall_s']:.0f} s)"
+                  + (f"; see {folder / 'log.txt'}" if status == "failed" else ""))
+        return record
+
+    def _record(self, job: _Running, status: str, final: dict, log_tail: str) -> dict:
+        run, spec = job.run, self.spec
+        shape = spec.families[run.family].shapes[run.shape]
+        valid = final.get("eval", {}).get("valid", {})
+        test = final.get("eval", {}).get("test", {})
+        train_curve, valid_curve = _curves(folder=job.folder, started=job.started)
+        steps = final.get("steps") or (train_curve[-1][0] if train_curve else 0)
+        return {
+            "id": run.id, "family": run.family, "shape": run.shape, "scheme": run.scheme, "lr": run.lr,
+            "seed": run.seed, "layers": shape["layers"], "hidden": shape["hidden"],
+            "non_embedding_params": non_embedding_params(shape), "status": status,
+            "steps": steps, "tokens": steps * spec.train["global_batch"] * spec.train["seq_len"],
+            "wall_s": round(time.time() - job.started, 2), "tokens_per_s": final.get("tokens_per_s"),
+            "valid_mlm_loss": valid.get("mlm_loss"), "valid_mlm_acc": valid.get("mlm_acc"),
+            "test_mlm_loss": test.get("mlm_loss"), "test_mlm_acc": test.get("mlm_acc"),
+            "train_loss": final.get("train", {}).get("loss"), "skipped_steps": final.get("skipped_steps"),
+            "peak_mem_gib": final.get("train", {}).get("peak_mem_gib"),
+            "device": self.slots[job.slot][0], "flags": job.flags,
+            "curve_train": train_curve, "curve_valid": valid_curve,
+            **({"log_tail": log_tail[-2000:]} if status != "done" else {}),
+        }
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    return any((folder / "checkpoints").glob("step_*")) if (folder / "checkpoints").is_dir() else False
+
+
+def _same_flags(folder: Path, flags: dict) -> bool:
+    saved = _read_json(folder / "run.json")
+    return saved is not None and saved.get("flags") == json.loads(json.dumps(flags))
+
+
+def _clear(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, size: int = 8000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - size))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _curves(folder: Path, started: float) -> tuple[list, list]:
+    """From metrics.jsonl: train points [step, seconds since the process started, loss, grad norm]
+    (at most ``_CURVE_POINTS``, evenly thinned) and valid points [step, seconds, MLM loss, MLM acc]."""
+    train, valid = [], []
+    try:
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return train, valid
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        t = round(r.get("time", started) - started, 2)
+        if r.get("split") == "train":
+            train.append([r["step"], t, _num(r.get("loss")), _num(r.get("grad_norm"))])
+        elif r.get("split") == "valid":
+            valid.append([r["step"], t, _num(r.get("mlm_loss")), _num(r.get("mlm_acc"))])
+    if len(train) > _CURVE_POINTS:
+        keep = sorted({round(i * (len(train) - 1) / (_CURVE_POINTS - 1)) for i in range(_CURVE_POINTS)})
+        train = [train[i] for i in keep]
+    return train, valid
+
+
+def _num(value):
+    """A JSON-safe float (None for missing or non-finite values)."""
+    return round(float(value), 6) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def summary_line(records: dict, pending: int) -> str:
+    counts = {s: sum(r["status"] == s for r in records.values()) for s in ("done", "nonfinite", "failed")}
+    return (f"{len(records)} runs recorded ({counts['done']} done, {counts['nonfinite']} non-finite, "
+            f"{counts['failed']} failed), {pending} to run")

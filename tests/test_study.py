@@ -1,0 +1,186 @@
+"""`dslm study`: spec checks, the planner (search, edge extension, seeds, lrs around another family),
+the decision rules on hand-made cells, and the quick study end to end on the CPU with its resume."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dslm.errors import UsageError
+from dslm.study.report import summarize_cells, verdict
+from dslm.study.spec import Run, as_argv, lr_step, load_spec, non_embedding_params, plan, pretrain_flags
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+SPEC = """
+name = "t"
+data = "d"
+[train]
+seq_len = 16
+global_batch = 4
+[schemes]
+a = {ln = "post", init = "megatron"}
+b = {ln = "post", init = "dslm"}
+[families.S]
+tokens = 6400
+shapes = {"2x8" = {layers = 2, hidden = 8, heads = 1}, "8x4" = {layers = 8, hidden = 4, heads = 1}}
+lrs = [1e-3, 3e-3]
+extend = 1
+seeds = [1, 2, 3]
+[families.M]
+tokens = 12800
+schemes = ["b"]
+shapes = {"7x16" = {layers = 7, hidden = 16, heads = 2}}
+lrs_around = "S"
+seeds = [1, 2]
+[verdict]
+method = "b"
+baselines = []
+broken = "a"
+families = ["S"]
+"""
+
+
+@pytest.fixture
+def spec(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(SPEC)
+    return load_spec(path)
+
+
+def done(run: Run, loss: float, status="done") -> dict:
+    return {"id": run.id, "family": run.family, "shape": run.shape, "scheme": run.scheme, "lr": run.lr,
+            "seed": run.seed, "status": status, "valid_mlm_loss": loss, "curve_valid": []}
+
+
+def finish(records, runs, loss_of):
+    for r in runs:
+        records[r.id] = done(r, loss_of(r))
+
+
+def test_lr_ladder():
+    assert [lr_step(x, True) for x in (1e-4, 3e-4, 3e-2)] == [3e-4, 1e-3, 1e-1]
+    assert [lr_step(x, False) for x in (1e-4, 3e-4)] == [3e-5, 1e-4]
+    assert lr_step(5e-4, True) == 2e-3
+
+
+def test_plan_search_then_edge_extension_then_seeds(spec):
+    records = {}
+    first = plan(spec, records)
+    # S: 2 shapes x 2 schemes x 2 lrs at the search seed; M waits for S
+    assert len(first) == 8 and {r.seed for r in first} == {1} and {r.family for r in first} == {"S"}
+    finish(records, first, lambda r: 5.0 - 100 * r.lr)         # the largest lr wins: at the upper edge
+    second = plan(spec, records)
+    assert {r.lr for r in second} == {1e-2} and len(second) == 4   # one step past the edge (extend = 1)
+    finish(records, second, lambda r: 9.0)                      # worse: the best stays at 3e-3
+    third = plan(spec, records)
+    assert {(r.lr, r.seed) for r in third if r.family == "S"} == {(3e-3, 2), (3e-3, 3)}
+    # M: three lrs around S's best for scheme b at the nearest depth (7 layers -> 8x4)
+    assert sorted(r.lr for r in third if r.family == "M") == [1e-3, 3e-3, 1e-2]
+    finish(records, third, lambda r: 4.0 + abs(math.log10(r.lr / 3e-3)))   # M's best is the centre
+    assert [(r.family, r.lr, r.seed) for r in plan(spec, records)] == [("M", 3e-3, 2)]
+
+
+def test_extension_stops_at_extend_and_diverged_runs_never_win(spec):
+    records = {}
+    finish(records, plan(spec, records), lambda r: 5.0 - 100 * r.lr)
+    finish(records, plan(spec, records), lambda r: 1.0)         # 1e-2 wins again, but extend = 1
+    assert {(r.lr, r.seed) for r in plan(spec, records) if r.family == "S"} == {(1e-2, 2), (1e-2, 3)}
+    records = {}
+    for r in plan(spec, records):
+        records[r.id] = done(r, None, "nonfinite") if r.lr == 3e-3 else done(r, 6.0)
+    assert {r.lr for r in plan(spec, records) if r.seed == 1} == {3e-4}   # 1e-3 is best, at the lower edge
+
+
+def test_spec_errors_are_one_line(tmp_path):
+    def check(text, match):
+        path = tmp_path / "bad.toml"
+        path.write_text(text)
+        with pytest.raises(UsageError, match=match):
+            load_spec(path)
+    check(SPEC.replace("seq_len = 16", "seq_len = 16\nlr = 1e-3"), r"\[train\] may not set lr")
+    check(SPEC.replace('lrs_around = "S"', 'lrs_around = "Z"'), "must name a family defined before it")
+    check(SPEC.replace('lrs = [1e-3, 3e-3]', ''), "exactly one of 'lrs' and 'lrs_around'")
+    check(SPEC.replace('method = "b"', 'method = "zz"'), "not a scheme")
+    check(SPEC + "\nbogus = 1\n", "unknown keys bogus")
+    check("data = [", "not a valid TOML spec")
+    with pytest.raises(UsageError, match="no such study spec"):
+        load_spec(tmp_path / "missing.toml")
+
+
+def test_run_flags_and_parameter_count(spec):
+    run = Run("S", "8x4", "b", 3e-3, 2)
+    flags = pretrain_flags(spec, run, "cpu")
+    assert flags["steps"] == 100 and flags["eval_every"] == 12 and flags["save_every"] == 25
+    assert flags["layers"] == 8 and flags["init"] == "dslm" and flags["lr"] == 3e-3 and flags["seed"] == 2
+    argv = as_argv({"seq_len": 16, "cuda_graphs": True, "progress": False, "lr": 3e-3})
+    assert argv == ["--seq-len", "16", "--cuda-graphs", "--no-progress", "--lr", "0.003"]
+    assert non_embedding_params({"layers": 2, "hidden": 8, "heads": 1}) == 2 * (4 * 64 + 2 * 8 * 32 + 72 + 32)
+
+
+def _cells_with(spec, losses: dict) -> list:
+    """Records where every S cell's search and seeds are finished with the given per-(shape, scheme)
+    per-seed losses (lr 1e-3 best, with the extension below it worse)."""
+    records = {}
+    for (shape, scheme), seeds in losses.items():
+        for lr in (3e-4, 1e-3, 3e-3):
+            for k, loss in enumerate(seeds, 1):
+                if lr == 1e-3 or k == 1:
+                    r = Run("S", shape, scheme, lr, k)
+                    records[r.id] = done(r, loss if lr == 1e-3 else loss + 1)
+    return summarize_cells(spec, records, unigram=7.0)
+
+
+def test_verdict_rules(spec):
+    cells = _cells_with(spec, {("2x8", "a"): [5.0, 5.1, 5.2], ("8x4", "a"): [6.5, 6.6, 6.4],
+                               ("2x8", "b"): [5.0, 5.1, 5.2], ("8x4", "b"): [4.5, 4.62, 4.7]})
+    v = verdict(spec, cells)
+    assert v["enables_depth"] is True and v["deeper_is_better"] is True
+    drop = v["deeper_rule"][0]
+    assert drop["mean_drop"] == pytest.approx((0.5 + 0.48 + 0.5) / 3) and drop["paired_seeds"] == 3
+    # a noisy drop: mean 0.1, paired std 0.1 -> not more than 2 std
+    cells = _cells_with(spec, {("2x8", "a"): [5.0, 5.1, 5.2], ("8x4", "a"): [6.5, 6.6, 6.4],
+                               ("2x8", "b"): [5.0, 5.1, 5.2], ("8x4", "b"): [4.8, 5.1, 5.1]})
+    assert verdict(spec, cells)["deeper_is_better"] is False
+    # the broken scheme close to the method: depth rule fails
+    cells = _cells_with(spec, {("2x8", "a"): [5.0, 5.1, 5.2], ("8x4", "a"): [4.6, 4.7, 4.8],
+                               ("2x8", "b"): [5.0, 5.1, 5.2], ("8x4", "b"): [4.5, 4.62, 4.7]})
+    assert verdict(spec, cells)["enables_depth"] is False
+    assert verdict(spec, summarize_cells(spec, {}, 7.0))["enables_depth"] is None
+
+
+def test_quick_study_runs_resumes_and_reports(tmp_path):
+    """studies/quick.toml on the CPU: every run recorded, the tables and plots written; a second call
+    runs nothing; a run whose record is deleted runs again (and only that one)."""
+    spec = tmp_path / "quick.toml"
+    data = tmp_path / "data"
+    spec.write_text((ROOT / "studies" / "quick.toml").read_text().replace("outputs/data/embedded", str(data)))
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = [sys.executable, "-m", "dslm", "study", str(spec), "--out", str(out), "--work", str(work), "--jobs", "2",
+           "--device", "cpu"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    result = json.loads((out / "results.json").read_text())
+    assert len(result["runs"]) == 12 and all(r["status"] == "done" for r in result["runs"])
+    assert result["unigram_valid_loss"] > 4.0
+    for cell in result["cells"]:
+        assert cell["complete"] and cell["n"] == 2 and cell["best_lr"] in (1e-3, 3e-3)
+        assert math.isfinite(cell["mean"]) and cell["mean"] == pytest.approx(
+            sum(cell["seeds"].values()) / 2)
+    run = result["runs"][0]
+    assert run["tokens"] == 30 * 16 * 32 and run["steps"] == 30 and len(run["curve_valid"]) == 2
+    assert run["curve_valid"][-1][2] == pytest.approx(run["valid_mlm_loss"], abs=1e-6)
+    for name in ("results.md", "results.csv", "loss_vs_depth.png", "loss_vs_lr.png", "curves.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "results.csv").read_text().count("\n") == 13
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "start" not in again.stdout and "0 to run" in again.stdout
+    victim = result["runs"][3]["id"]
+    (out / "records" / f"{victim}.json").unlink()
+    shutil.rmtree(work / victim / "checkpoints")
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0 and third.stdout.count("start ") == 1 and f"start  {victim}" in third.stdout
