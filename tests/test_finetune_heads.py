@@ -34,7 +34,8 @@ def test_shapes():
 
 @pytest.mark.parametrize("scheme, n_out, expected", [
     ("megatron", 3, 0.02), ("xavier", 3, math.sqrt(2 / (512 + 3))), ("dslm", 3, 1 / math.sqrt(512)),
-    ("xavier", 1, math.sqrt(2 / (512 + 1))), ("dslm", 1, 1 / math.sqrt(512))])
+    ("xavier", 1, math.sqrt(2 / (512 + 1))), ("dslm", 1, 1 / math.sqrt(512)),
+    ("deepnorm", 3, math.sqrt(2 / (512 + 3)))])
 def test_head_init_std(scheme, n_out, expected):
     cfg = BertConfig(vocab_size=8, hidden_size=512, num_layers=2, num_heads=8, init=scheme)
     assert head_std(cfg, n_out) == pytest.approx(expected)

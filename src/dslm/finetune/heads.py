@@ -34,7 +34,7 @@ def head_std(config: BertConfig, n_out: int) -> float:
     scheme = config.weight_scheme
     if scheme == "megatron":
         return MEGATRON_STD
-    if scheme == "xavier":
+    if scheme in ("xavier", "deepnorm"):   # DeepNorm's heads are Xavier's
         return math.sqrt(2.0 / (d + n_out))
     return 1.0 / math.sqrt(d)
 
