@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                         help="start no run that would not end within this time (judged by the runs of its shape "
                              "so far); at the limit, running runs checkpoint and stop; rerun to continue")
+    parser.add_argument("--max-failures", type=int, default=3,
+                        help="stop after this many runs in a row whose process failed (a broken setup)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="run again the runs whose process failed (not those that diverged)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs that would start now and exit")
@@ -40,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args) -> None:
-    for name in ("gpus", "per_gpu", "jobs"):
+    for name in ("gpus", "per_gpu", "jobs", "max_failures"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be >= 1")
@@ -97,7 +99,7 @@ def run(args) -> int:
         write_results(spec, out, read_records(out), unigram, meta, plots=not args.no_plots)
         print(f"results: {out / 'results.md'}")
         return 0
-    runner = StudyRunner(spec, out, work, slots, args.time_limit, args.retry_failed)
+    runner = StudyRunner(spec, out, work, slots, args.time_limit, args.retry_failed, args.max_failures)
     print(f"study {spec.name}: {summary_line(runner.records, len(runner.pending()))}; "
           f"{len(slots)} slot(s) on {slots[0][0]}; unigram valid loss {unigram:.3f}", flush=True)
     if args.dry_run:

@@ -9,7 +9,8 @@ checkpoint resumes from it (``--load``), and anything else starts over. The spec
 (:func:`dslm.study.spec.plan`) is asked again after every finished run, so the learning-rate
 extensions and the seed repeats start as soon as they are known.
 
-``time_limit`` (seconds) bounds a batch of work: no run starts unless the runs of its shape so far
+After ``max_failures`` failed processes in a row (a broken setup, not a diverged model) the study
+stops instead of burning through its grid. ``time_limit`` (seconds) bounds a batch of work: no run starts unless the runs of its shape so far
 say it will finish in time, and at the limit the running ones get SIGTERM (each writes a checkpoint
 and is resumed next time). SIGTERM / SIGINT to the study does the same at once.
 """
@@ -75,9 +76,10 @@ def slots_for(device: str, gpus: int | None, per_gpu: int, jobs: int) -> list[tu
 
 class StudyRunner:
     def __init__(self, spec: Spec, out: Path, work: Path, slots: list, time_limit: float | None = None,
-                 retry_failed: bool = False, echo=print):
+                 retry_failed: bool = False, max_failures: int = 3, echo=print):
         self.spec, self.out, self.work, self.slots = spec, out, work, slots
-        self.time_limit, self.echo = time_limit, echo
+        self.time_limit, self.max_failures, self.echo = time_limit, max_failures, echo
+        self.failures_in_a_row = 0
         self.records = read_records(out)
         (out / RECORDS).mkdir(parents=True, exist_ok=True)
         if retry_failed:
@@ -195,6 +197,10 @@ class StudyRunner:
             status = "failed"
         record = self._record(job, status, final or {}, log_tail)
         write_json_atomic(self.out / RECORDS / f"{job.run.id}.json", record)
+        self.failures_in_a_row = self.failures_in_a_row + 1 if status == "failed" else 0
+        if self.failures_in_a_row >= self.max_failures and self.stop_reason is None:
+            self.stop_reason = f"{self.failures_in_a_row} runs failed in a row (see their log.txt)"
+            self._terminate_all()
         self.records[job.run.id] = record
         loss = record.get("valid_mlm_loss")
         shown = f"valid MLM loss {loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else status
