@@ -2,7 +2,9 @@
 
 Stages, each leaving either a complete file or nothing (temporary file + rename):
 
-1. remote sources (tfds, hf) are streamed once into ``corpus.jsonl`` (kept across reruns);
+1. remote sources (tfds, hf) are streamed once into ``corpus.jsonl`` (kept across reruns); Debian
+   package sources are read from their .deb files, cleaned and written to ``corpus.jsonl.gz`` with
+   ``corpus.json`` beside it (kept across reruns of the same sources, redone with ``force``);
 2. ``vocab.txt``: a copy of ``--vocab`` or a WordPiece vocabulary trained on the corpus;
 3. ``tokens.bin`` / ``tokens.idx``: documents are read in order, grouped into ~256 kB tasks and
    sentence-split and tokenized by worker processes (a bounded number of tasks in flight, so memory
@@ -25,6 +27,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -32,11 +35,13 @@ from tqdm import tqdm
 from dslm import __version__
 from dslm.data.files import copy_atomic, sha256_file, write_json_atomic
 from dslm.data.manifest import FORMAT, MANIFEST_FILE, MANIFEST_VERSION, check_files, read_manifest
+from dslm.data.packages import (DEFAULT_PACKAGE_CACHE, PACKAGE_CORPUS, PACKAGE_SOURCES, export_packages,
+                                exported_records, locate_debs)
 from dslm.data.sentences import split_sentences
 from dslm.data.sources import (EMBEDDED_VOCAB, DocumentReader, SkipLog, Source, check_remote_available, export_documents,
                                hf_records, resolve_source, tfds_records)
-from dslm.data.split import DEFAULT_SPLIT, split_counts
-from dslm.data.store import BIN_FILE, IDX_FILE, TokenStoreWriter, token_dtype
+from dslm.data.split import DEFAULT_SPLIT, SPLITS, split_counts, split_documents
+from dslm.data.store import BIN_FILE, IDX_FILE, TokenStore, TokenStoreWriter, token_dtype
 from dslm.data.vocab import SPECIAL_TOKENS, VOCAB_FILE, SpecialIds, Tokenizer, read_vocab, train_vocab, write_vocab
 from dslm.errors import UsageError
 
@@ -47,13 +52,17 @@ _TASK_CHARS = 1 << 18
 _LOCK_FILE = ".lock"
 
 
-def prepare_dataset(out_dir: str | Path, source: str = "embedded", vocab: str | Path | None = None,
+def prepare_dataset(out_dir: str | Path, source: str | Sequence[str] = "embedded", vocab: str | Path | None = None,
                     vocab_size: int | None = None, split: tuple[int, int, int] = DEFAULT_SPLIT,
                     workers: int | None = None, strict: bool = False, force: bool = False,
-                    progress: bool = True, tfds_data_dir: str | None = None) -> dict:
+                    progress: bool = True, tfds_data_dir: str | None = None,
+                    package_cache: str | Path | None = None, debs: Sequence[str | Path] = ()) -> dict:
     """Prepare (or find already prepared) the dataset directory ``out_dir`` and return its manifest.
 
-    ``source``: ``embedded``, ``tfds``, ``hf`` or a local path (see :mod:`dslm.data.sources`).
+    ``source``: ``embedded``, ``tfds``, ``hf``, a local path, or Debian package source names (a list,
+    or the alias ``english``; see :mod:`dslm.data.sources` and :mod:`dslm.data.packages`).
+    ``package_cache``: folder holding (or receiving) the packages' .deb files (default
+    ``outputs/data/packages``); ``debs``: .deb files to use instead of the cache's.
     ``vocab``: a BERT vocab.txt to use; without it a WordPiece vocabulary of ``vocab_size`` tokens
     (default 30522) is trained on the corpus, except that the embedded corpus uses the vocabulary
     shipped with it unless ``vocab_size`` is given (so its dataset is the same on every machine).
@@ -64,6 +73,10 @@ def prepare_dataset(out_dir: str | Path, source: str = "embedded", vocab: str | 
     out = Path(out_dir)
     src = resolve_source(source)
     check_remote_available(src)
+    if debs and src.kind != "packages":
+        raise UsageError("--deb applies only to Debian package sources "
+                         f"({', '.join(PACKAGE_SOURCES)}, english)")
+    packages = (Path(package_cache) if package_cache is not None else DEFAULT_PACKAGE_CACHE, tuple(debs))
     if vocab is None and vocab_size is None and src.kind == "embedded":
         vocab = EMBEDDED_VOCAB
     vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
@@ -85,7 +98,7 @@ def prepare_dataset(out_dir: str | Path, source: str = "embedded", vocab: str | 
         try:
             _remove_stage_files(out)
             return _prepare(out, src, request, vocab, given_vocab, split, workers, strict, progress,
-                            tfds_data_dir)
+                            tfds_data_dir, packages, force)
         except BaseException:
             _remove_stage_files(out)
             raise
@@ -140,10 +153,15 @@ def _remove_stage_files(out: Path) -> None:
 
 def _prepare(out: Path, src: Source, request: dict, vocab: str | Path | None, given_vocab: list[str] | None,
              split: tuple[int, int, int], workers: int | None, strict: bool, progress: bool,
-             tfds_data_dir: str | None) -> dict:
+             tfds_data_dir: str | None, packages: tuple[Path, tuple], force: bool) -> dict:
     started = time.perf_counter()
     skips = SkipLog(strict)
-    files = src.files or (_export_remote(out, src, skips, progress, tfds_data_dir),)
+    package_records = None
+    if src.kind == "packages":
+        package_records = _export_packages(out, src, *packages, force, progress)
+        files = (out / PACKAGE_CORPUS,)
+    else:
+        files = src.files or (_export_remote(out, src, skips, progress, tfds_data_dir),)
     if given_vocab is not None:
         copy_atomic(Path(vocab), out / VOCAB_FILE)
         tokens = given_vocab
@@ -163,7 +181,8 @@ def _prepare(out: Path, src: Source, request: dict, vocab: str | Path | None, gi
         writer.abort()
         raise
     seconds = time.perf_counter() - started
-    manifest = _manifest(out, src, request, vocab, tokens, writer, split, skips, reader.bytes_read)
+    manifest = _manifest(out, src, files, request, vocab, tokens, writer, split, skips, reader.bytes_read,
+                         package_records)
     write_json_atomic(out / MANIFEST_FILE, manifest)
     _print_summary(out, manifest, skips, reader.bytes_read, seconds, time.perf_counter() - tokenize_started)
     return manifest
@@ -181,6 +200,18 @@ def _export_remote(out: Path, src: Source, skips: SkipLog, progress: bool, tfds_
         records, total = tfds_records(tfds_data_dir) if src.kind == "tfds" else hf_records()
         export_documents(records, total, corpus, skips, src.name, progress)
     return corpus
+
+
+def _export_packages(out: Path, src: Source, cache: Path, debs: tuple, force: bool, progress: bool) -> list[dict]:
+    """Read and clean the Debian package sources into ``out/corpus.jsonl.gz`` (a complete earlier
+    export of the same sources is reused unless ``force``); their records for the manifest."""
+    sources = [PACKAGE_SOURCES[name] for name in src.packages]
+    records = None if force else exported_records(out, sources)
+    if records is not None:
+        print(f"{out / PACKAGE_CORPUS}: reusing the documents exported earlier "
+              "(" + ", ".join(f"{r['source']} {r['documents']:,}" for r in records) + " documents)")
+        return records
+    return export_packages(sources, locate_debs(sources, cache, debs), out, progress)
 
 
 def _train(files, vocab_size: int, strict: bool, progress: bool) -> list[str]:
@@ -268,24 +299,37 @@ def _tokenize(reader: DocumentReader, tokens: list[str], writer: TokenStoreWrite
 
 # --- manifest and summary --------------------------------------------------------------------------
 
-def _manifest(out: Path, src: Source, request: dict, vocab: str | Path | None, tokens: list[str], writer: TokenStoreWriter,
-              split: tuple[int, int, int], skips: SkipLog, bytes_read: int) -> dict:
+def _manifest(out: Path, src: Source, files: tuple[Path, ...], request: dict, vocab: str | Path | None,
+              tokens: list[str], writer: TokenStoreWriter, split: tuple[int, int, int], skips: SkipLog,
+              bytes_read: int, package_records: list[dict] | None) -> dict:
     checksums = {**writer.checksums, VOCAB_FILE: sha256_file(out / VOCAB_FILE)}
+    source = {"kind": src.kind, "name": src.name, "files": [str(f) for f in files]}
+    if package_records is not None:
+        source["packages"] = package_records
     return {
         "format": FORMAT,
         "version": MANIFEST_VERSION,
         "created_by": f"dslm {__version__}",
         "request": request,
-        "source": {"kind": src.kind, "name": src.name, "files": [str(f) for f in (src.files or (out / REMOTE_CORPUS,))]},
+        "source": source,
         "vocab_origin": str(Path(vocab).resolve()) if vocab is not None else "trained on the corpus",
         "vocab_size": len(tokens),
         "special_ids": dataclasses.asdict(SpecialIds.of(tokens)),
         "token_dtype": str(writer.dtype),
         "counts": {"documents": writer.n_docs, "sentences": writer.n_sentences, "tokens": writer.n_tokens,
                    "text_bytes": bytes_read, "skipped_lines": dict(skips.counts)},
-        "split": {"weights": list(split), "documents": split_counts(writer.n_docs, split)},
+        "split": {"weights": list(split), "documents": split_counts(writer.n_docs, split),
+                  "tokens": split_tokens(out, split)},
         "files": {name: {"bytes": (out / name).stat().st_size, "sha256": digest} for name, digest in checksums.items()},
     }
+
+
+def split_tokens(data_dir: Path, split: tuple[int, int, int]) -> dict[str, int]:
+    """Tokens in the documents of each split of the token store in ``data_dir``."""
+    store = TokenStore(data_dir)
+    doc_tokens = np.diff(np.asarray(store.sent_offsets)[np.asarray(store.doc_index)])
+    ids = split_documents(store.n_docs, split)
+    return {name: int(doc_tokens[ids[name]].sum()) for name in SPLITS}
 
 
 def _print_summary(out: Path, manifest: dict, skips: SkipLog, bytes_read: int, seconds: float,
@@ -295,6 +339,7 @@ def _print_summary(out: Path, manifest: dict, skips: SkipLog, bytes_read: int, s
     print(f"{out}: {c['documents']:,} documents, {c['sentences']:,} sentences, {c['tokens']:,} tokens "
           f"(vocab {manifest['vocab_size']:,}) from {mb:.1f} MB of text in {seconds:.1f} s "
           f"({mb / max(seconds, 1e-9):.2f} MB/s end to end, {mb / max(tokenize_seconds, 1e-9):.2f} MB/s tokenizing)")
-    print("  split (documents): " + ", ".join(f"{k} {v:,}" for k, v in manifest["split"]["documents"].items()))
+    print("  split (documents / tokens): " + ", ".join(f"{k} {v:,} / {manifest['split']['tokens'][k]:,}"
+                                                      for k, v in manifest["split"]["documents"].items()))
     if skips.total:
         print(f"  skipped {skips.total:,} bad lines: {skips.describe()}")

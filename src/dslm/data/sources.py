@@ -1,11 +1,13 @@
 """Text sources: where documents come from and how each record format is read.
 
 A source is named on the command line: ``embedded`` (the corpus shipped in this package), ``tfds``
-(TFDS ``wikipedia/20230601.en``), ``hf`` (HF datasets ``wikimedia/wikipedia`` ``20231101.en``) or
-a local path. Local files are ``.jsonl`` (one JSON object with a ``text`` field per line; ``.gz``
-allowed) or ``.txt`` (one sentence or paragraph per line, documents separated by blank lines), or a
-folder of them. The two remote sources are streamed once into a local ``{"title", "text"}`` JSONL
-file (``export_documents``), which is then read like any other local file.
+(TFDS ``wikipedia/20230601.en``), ``hf`` (HF datasets ``wikimedia/wikipedia`` ``20231101.en``), a
+local path, or one or more Debian documentation packages (``kernel-docs python-docs ...`` or the
+alias ``english``; see :mod:`dslm.data.packages`, which exports them to a local JSONL file). Local
+files are ``.jsonl`` (one JSON object with a ``text`` field per line; ``.gz`` allowed) or ``.txt``
+(one sentence or paragraph per line, documents separated by blank lines), or a folder of them.
+The two remote sources are streamed once into a local ``{"title", "text"}`` JSONL file
+(``export_documents``), which is then read like any other local file.
 
 Bad lines (not UTF-8, not JSON, no ``text``) are skipped and counted in a :class:`SkipLog`, or
 stop the run with a one-line error naming the file and line when ``strict`` is set.
@@ -18,10 +20,11 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
+from dslm.data.packages import is_package_source, resolve_package_sources
 from dslm.errors import UsageError
 
 EMBEDDED_CORPUS = Path(__file__).resolve().parent / "embedded_corpus.jsonl.gz"
@@ -33,16 +36,25 @@ LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
 
 @dataclass(frozen=True)
 class Source:
-    """A resolved ``--source``: ``kind`` is embedded / tfds / hf / path; ``files`` are the local
-    files to read (empty for a remote source until it is exported)."""
+    """A resolved ``--source``: ``kind`` is embedded / tfds / hf / path / packages; ``files`` are the
+    local files to read (empty for a remote or package source until it is exported); ``packages``
+    the Debian package sources to read (aliases expanded)."""
     kind: str
     name: str
     files: tuple[Path, ...] = ()
+    packages: tuple[str, ...] = ()
 
 
-def resolve_source(spec: str) -> Source:
-    """Turn a ``--source`` value into a :class:`Source`, checking that a local path exists and
-    holds files of a supported format."""
+def resolve_source(spec: str | Sequence[str]) -> Source:
+    """Turn ``--source`` value(s) into a :class:`Source`, checking that a local path exists and
+    holds files of a supported format. Several values are allowed for Debian package sources only."""
+    names = [spec] if isinstance(spec, str) else list(spec)
+    if not names:
+        raise UsageError("--source: no source given")
+    if len(names) > 1 or is_package_source(names[0]):
+        chosen = resolve_package_sources(names)
+        return Source("packages", "+".join(names), packages=tuple(s.name for s in chosen))
+    spec = names[0]
     if spec == "embedded":
         return Source("embedded", "embedded", (EMBEDDED_CORPUS,))
     if spec == "tfds":
@@ -56,7 +68,8 @@ def resolve_source(spec: str) -> Source:
             raise UsageError(f"{path}: folder holds no {'/'.join(LOCAL_SUFFIXES)} files")
         return Source("path", str(path.resolve()), files)
     if not path.exists():
-        raise UsageError(f"--source {spec}: no such file or folder (expected embedded, tfds, hf or a path)")
+        raise UsageError(f"--source {spec}: no such file or folder (expected embedded, tfds, hf, a Debian "
+                         "package source such as english, or a path)")
     if not path.name.endswith(LOCAL_SUFFIXES):
         raise UsageError(f"{path}: unsupported file type (expected {', '.join(LOCAL_SUFFIXES)})")
     return Source("path", str(path.resolve()), (path.resolve(),))
