@@ -218,7 +218,7 @@ def markdown(spec: Spec, result: dict) -> str:
         lines += [f"Unigram reference loss of the valid split: {result['unigram_valid_loss']:.3f} nats "
                   f"(a run ending above {result['unigram_valid_loss'] - STALL_MARGIN:.3f} counts as stalled).", ""]
     for fam in spec.families.values():
-        lines += [f"## Family {fam.name} ({fam.tokens / 1e6:g}M tokens per run)", "",
+        lines += [f"## Family {fam.name} ({fam.tokens / 1e6:.1f}M tokens per run)", "",
                   "Final valid MLM loss at each cell's best lr: mean ± std over seeds (n), best lr.", "",
                   "| shape | " + " | ".join(fam.schemes) + " |", "|---|" + "---|" * len(fam.schemes)]
         for shape in fam.shapes:
