@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dslm.data.files import write_json_atomic
+from dslm.data.manifest import read_manifest
+from dslm.data.store import BIN_FILE
 from dslm.errors import UsageError
 from dslm.study.spec import Run, Spec, as_argv, non_embedding_params, plan, pretrain_flags
 
@@ -57,6 +59,20 @@ def read_records(out: Path) -> dict[str, dict]:
     return records
 
 
+def dataset_fingerprint(data_dir) -> str:
+    """The SHA-256 of the dataset's token store (from its manifest): the data a record was made on."""
+    return read_manifest(data_dir)["files"][BIN_FILE]["sha256"]
+
+
+def check_same_data(records: dict, data_sha256: str, out: Path) -> None:
+    """Refuse to add runs to a study whose records were made on another token store (a rebuilt
+    dataset with a different vocabulary or source version): their losses would not compare."""
+    other = sorted(rid for rid, r in records.items() if r.get("data_sha256") != data_sha256)
+    if other:
+        raise UsageError(f"{out}: {len(other)} records (e.g. {other[0]}) were made on another dataset than "
+                         f"{data_sha256[:12]}; continue on that dataset or start a new --out")
+
+
 def slots_for(device: str, gpus: int | None, per_gpu: int, jobs: int) -> list[tuple[str, str | None]]:
     """(device, CUDA_VISIBLE_DEVICES) per concurrent run."""
     if device == "cpu":
@@ -80,7 +96,9 @@ class StudyRunner:
         self.spec, self.out, self.work, self.slots = spec, out, work, slots
         self.time_limit, self.max_failures, self.echo = time_limit, max_failures, echo
         self.failures_in_a_row = 0
+        self.data_sha256 = dataset_fingerprint(spec.data)
         self.records = read_records(out)
+        check_same_data(self.records, self.data_sha256, out)
         (out / RECORDS).mkdir(parents=True, exist_ok=True)
         if retry_failed:
             for rid in [k for k, r in self.records.items() if r["status"] == "failed"]:
@@ -225,7 +243,7 @@ class StudyRunner:
             "test_mlm_loss": test.get("mlm_loss"), "test_mlm_acc": test.get("mlm_acc"),
             "train_loss": final.get("train", {}).get("loss"), "skipped_steps": final.get("skipped_steps"),
             "peak_mem_gib": final.get("train", {}).get("peak_mem_gib"),
-            "device": self.slots[job.slot][0], "flags": job.flags,
+            "device": self.slots[job.slot][0], "data_sha256": self.data_sha256, "flags": job.flags,
             "curve_train": train_curve, "curve_valid": valid_curve,
             **({"log_tail": log_tail[-2000:]} if status != "done" else {}),
         }
