@@ -172,6 +172,8 @@ def test_quick_study_runs_resumes_and_reports(tmp_path):
         assert math.isfinite(cell["mean"]) and cell["mean"] == pytest.approx(
             sum(cell["seeds"].values()) / 2)
     run = result["runs"][0]
+    manifest = json.loads((data / "dataset.json").read_text())
+    assert {r["data_sha256"] for r in result["runs"]} == {manifest["files"]["tokens.bin"]["sha256"]}
     assert run["tokens"] == 30 * 16 * 32 and run["steps"] == 30 and len(run["curve_valid"]) == 2
     assert run["curve_valid"][-1][2] == pytest.approx(run["valid_mlm_loss"], abs=1e-6)
     for name in ("results.md", "results.csv", "loss_vs_depth.png", "loss_vs_lr.png", "curves.png"):
@@ -184,3 +186,32 @@ def test_quick_study_runs_resumes_and_reports(tmp_path):
     shutil.rmtree(work / victim / "checkpoints")
     third = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0 and third.stdout.count("start ") == 1 and f"start  {victim}" in third.stdout
+
+
+def test_estimate_scales_from_the_nearest_finished_shape(spec):
+    """A shape that ran is estimated by its slowest run; an unseen one from the finished shape nearest
+    in depth, scaled by layers x tokens and by a larger width; nothing finished -> 0."""
+    from dslm.study.runner import estimate_seconds
+
+    shallow = Run("S", "2x8", "a", 1e-3, 1)
+    assert estimate_seconds(spec, {}, shallow) == 0.0
+    records = {r.id: {**done(r, 5.0), "wall_s": w} for r, w in
+               [(shallow, 10.0), (Run("S", "2x8", "b", 1e-3, 1), 12.0)]}
+    assert estimate_seconds(spec, records, Run("S", "2x8", "a", 3e-3, 2)) == 12.0
+    assert estimate_seconds(spec, records, Run("S", "8x4", "a", 1e-3, 1)) == pytest.approx(12.0 * 4)
+    # M: 7 layers, width 16 (2x), twice the tokens; nearest finished shape is still 2x8
+    assert estimate_seconds(spec, records, Run("M", "7x16", "b", 1e-3, 1)) == pytest.approx(12.0 * 3.5 * 2 * 2)
+    deep = Run("S", "8x4", "b", 1e-3, 1)
+    records[deep.id] = {**done(deep, 5.0), "wall_s": 30.0}
+    assert estimate_seconds(spec, records, Run("M", "7x16", "b", 1e-3, 1)) == pytest.approx(30.0 * 7 / 8 * 2 * 4)
+
+
+def test_records_of_another_dataset_are_refused(tmp_path):
+    from dslm.study.runner import check_same_data
+
+    records = {"x": {"data_sha256": "a" * 64}, "y": {"data_sha256": "b" * 64}}
+    check_same_data({"x": records["x"]}, "a" * 64, tmp_path)
+    with pytest.raises(UsageError, match=r"1 records \(e.g. y\) were made on another dataset"):
+        check_same_data(records, "a" * 64, tmp_path)
+    with pytest.raises(UsageError, match="another dataset"):
+        check_same_data({"z": {}}, "a" * 64, tmp_path)

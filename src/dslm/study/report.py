@@ -229,17 +229,22 @@ def markdown(spec: Spec, result: dict) -> str:
                 row.append(f"{_fmt(c['mean'], c['std'])} ({c['n']}{lr})" if c["n"] else "—")
             lines.append(f"| {shape} | " + " | ".join(row) + " |")
         lrs = sorted({float(lr) for c in cells if c["family"] == fam.name for lr in c["lr_sweep"]})
+        swept = [c for c in cells if c["family"] == fam.name and c["lr_sweep"]]
+        if not swept:
+            lines += ["", "No runs yet.", ""]
+            continue
         lines += ["", f"Learning-rate sweep (seed {fam.search_seed}):", "",
                   "| shape | scheme | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
                   "|---|---|" + "---|" * len(lrs)]
-        for c in (c for c in cells if c["family"] == fam.name):
+        for c in swept:
             values = [_fmt(c["lr_sweep"].get(f"{lr:g}")) for lr in lrs]
             lines.append(f"| {c['shape']} | {c['scheme']} | " + " | ".join(values) + " |")
         bad = [c for c in cells if c["family"] == fam.name and (c["nonfinite"] or c["failed"] or c["stalled"])]
         if bad:
-            lines += ["", "Runs that did not train: " + "; ".join(
-                f"{c['shape']} {c['scheme']}: {c['nonfinite']} non-finite, {c['stalled']} stalled, "
-                f"{c['failed']} failed of {c['runs']}" for c in bad)]
+            lines += ["", "Runs that did not train (stalled: ended above the stall line):", "",
+                      "| shape | scheme | runs | stalled | non-finite | failed |", "|---|---|---|---|---|---|"]
+            lines += [f"| {c['shape']} | {c['scheme']} | {c['runs']} | {c['stalled']} | {c['nonfinite']} | "
+                      f"{c['failed']} |" for c in bad]
         lines.append("")
     wall = result["equal_wall_clock"]
     if wall:

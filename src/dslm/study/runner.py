@@ -153,11 +153,6 @@ class StudyRunner:
             if job.proc.poll() is None:
                 job.proc.send_signal(signal.SIGTERM)
 
-    def _estimate(self, run: Run) -> float:
-        """Seconds a run of this family and shape took so far (the slowest; 0 when none ran)."""
-        walls = [r["wall_s"] for r in self.records.values()
-                 if r["family"] == run.family and r["shape"] == run.shape and r.get("wall_s")]
-        return max(walls) if walls else 0.0
 
     def _launch_free_slots(self, elapsed: float) -> None:
         free = [i for i in range(len(self.slots)) if i not in self.running]
@@ -167,7 +162,9 @@ class StudyRunner:
         for run in self.pending():
             if not free:
                 break
-            if self.time_limit is not None and elapsed + self._estimate(run) > self.time_limit:
+            # a run estimated at nearly the whole limit still starts at the beginning of a batch
+            estimate = min(estimate_seconds(self.spec, self.records, run), 0.8 * (self.time_limit or 0))
+            if self.time_limit is not None and elapsed + estimate > self.time_limit:
                 self.deferred += 1
                 continue
             self._launch(run, free.pop(0))
@@ -247,6 +244,29 @@ class StudyRunner:
             "curve_train": train_curve, "curve_valid": valid_curve,
             **({"log_tail": log_tail[-2000:]} if status != "done" else {}),
         }
+
+
+def estimate_seconds(spec: Spec, records: dict, run: Run) -> float:
+    """Seconds ``run`` is expected to take: the slowest finished run of its family and shape. For a
+    shape with none yet, the slowest run of the finished shape nearest in depth, scaled by layers x
+    tokens (the study's small models are launch-bound: time grows with the kernels launched) and by
+    the width when it grows (compute); 0 when nothing finished. Overestimating only defers a run to
+    the next batch, underestimating wastes a run killed at the time limit."""
+    def size(family: str, shape: str) -> tuple[int, int, int]:
+        fam = spec.families[family]
+        return fam.shapes[shape]["layers"], fam.shapes[shape]["hidden"], fam.tokens
+
+    walls: dict[tuple[str, str], float] = {}
+    for r in records.values():
+        if r.get("wall_s") and r["family"] in spec.families and r["shape"] in spec.families[r["family"]].shapes:
+            key = (r["family"], r["shape"])
+            walls[key] = max(walls.get(key, 0.0), r["wall_s"])
+    if (run.family, run.shape) in walls or not walls:
+        return walls.get((run.family, run.shape), 0.0)
+    layers, hidden, tokens = size(run.family, run.shape)
+    ref = min(walls, key=lambda k: (abs(math.log(size(*k)[0] / layers)), -walls[k]))
+    ref_layers, ref_hidden, ref_tokens = size(*ref)
+    return walls[ref] * layers / ref_layers * tokens / ref_tokens * max(1.0, hidden / ref_hidden)
 
 
 def _has_checkpoint(folder: Path) -> bool:
