@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dslm.model import BertConfig, BertForPreTraining, init_plan, measure_r0, scheme_stds
+from dslm.model import BertConfig, BertForPreTraining, init_plan, scheme_stds
+from dslm.probe import measure_r0
 from dslm.theory.dslm_init import dslm_stds
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from dslm.model import BertConfig, BertForPreTraining, measure_r0
+from dslm.model import BertConfig, BertForPreTraining
+from dslm.probe import measure_r0
 from dslm.probe import probe_model
 from dslm.theory import agreement, normalise, predict
 

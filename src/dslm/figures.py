@@ -167,7 +167,8 @@ def _batch(data_dir, s: dict, seed: int):
 def _run_one(s, init, ln, batch, vocab_size, device, seed, timer):
     import torch
 
-    from dslm.model import BertForPreTraining, measure_r0
+    from dslm.model import BertForPreTraining
+    from dslm.probe import measure_r0
     from dslm.model.bert import Embeddings
     from dslm.probe import probe_model
     from dslm.theory import agreement, normalise, predict

@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -280,9 +279,3 @@ def _final_model(task, result):
     fresh.load_state_dict(load_file(str(Path(result["checkpoint"]) / "model.safetensors")))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else "cpu"
     return fresh.to(device)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from dslm.cli import main
-
-    sys.exit(main(["finetune", *sys.argv[1:]]))

@@ -25,7 +25,7 @@ from torch import nn
 from dslm.errors import UsageError
 from dslm.model import BertConfig, BertModel
 from dslm.model.bert import CONFIG_FILE, WEIGHTS_FILE, save_weights_dir
-from dslm.model.init import MEGATRON_STD
+from dslm.theory.schemes import MEGATRON_STD
 
 
 def head_std(config: BertConfig, n_out: int) -> float:

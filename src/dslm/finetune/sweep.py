@@ -253,9 +253,3 @@ def run(args) -> int:
         print(f"missing runs ({len(missing)}): {', '.join(missing)}")
     print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.json'}", flush=True)
     return 1 if failed else 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from dslm.cli import main
-
-    sys.exit(main(["finetune-sweep", *sys.argv[1:]]))

@@ -5,4 +5,4 @@ from dslm.model.config import BertConfig  # noqa: F401
 from dslm.model.bert import (  # noqa: F401
     BertForPreTraining, BertModel, BertOutput, PreTrainingOutput, from_pretrained, load_config,
 )
-from dslm.model.init import InitEntry, init_plan, init_weights, measure_r0, scheme_stds  # noqa: F401
+from dslm.model.init import InitEntry, init_plan, init_weights, scheme_stds  # noqa: F401

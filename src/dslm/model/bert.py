@@ -29,6 +29,7 @@ from torch import nn
 
 from dslm.errors import UsageError
 from dslm.model.config import BertConfig
+from dslm.model.init import init_weights
 from dslm.model.ops import attention_bias, compute_dtype, linear_relu
 
 IGNORE_INDEX = -100
@@ -263,8 +264,6 @@ class BertModel(nn.Module, _Pretrained):
         self.final_ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pooler = Pooler(config)
         if init:
-            from dslm.model.init import init_weights
-
             init_weights(self, config)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
@@ -312,8 +311,6 @@ class BertForPreTraining(nn.Module, _Pretrained):
         self.lm_head = LMHead(config)
         self.binary_head = nn.Linear(config.hidden_size, 2)
         if init:
-            from dslm.model.init import init_weights
-
             init_weights(self, config)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, mlm_labels=None,

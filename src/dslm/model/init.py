@@ -30,16 +30,13 @@ scheme come from :meth:`BertConfig.residual_variances`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from dslm.model.config import BertConfig
-from dslm.theory.deepnorm import deepnorm_stds
-
-MEGATRON_STD = 0.02
+from dslm.theory.schemes import MEGATRON_STD, scheme_stds  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -51,32 +48,6 @@ class InitEntry:
     std: float
     layer: int | None = None
     rows: tuple[int, int] | None = None  # [start, stop) rows of the parameter, None = all
-
-
-def scheme_stds(config: BertConfig) -> dict:
-    """The table column of ``config.weight_scheme``: role -> std, with keys embedding, qk, v and
-    attn_out (per-layer lists), ffn, head (LM-head dense and pooler) and binary."""
-    d, d_h, d_f, n = config.hidden_size, config.head_dim, config.ffn_size, config.num_layers
-    scheme = config.weight_scheme
-    if scheme == "megatron":
-        s = MEGATRON_STD
-        return dict(embedding=s, qk=s, v=[s] * n, attn_out=[s] * n, ffn=s, head=s, binary=s)
-    if scheme == "xavier":
-        return dict(embedding=math.sqrt(1 / d), qk=math.sqrt(2 / (d + d_h)),
-                    v=[math.sqrt(2 / (d + d_h))] * n, attn_out=[math.sqrt(1 / d)] * n,
-                    ffn=math.sqrt(2 / (d + d_f)), head=1 / math.sqrt(d),
-                    binary=math.sqrt(2 / (d + 2)))
-    if scheme == "deepnorm":
-        dn = deepnorm_stds(d, d_f, n)
-        return dict(embedding=math.sqrt(1 / d), qk=dn["qk"], v=[dn["v"]] * n,
-                    attn_out=[dn["attn_out"]] * n, ffn=dn["ffn"], head=1 / math.sqrt(d),
-                    binary=math.sqrt(2 / (d + 2)))
-    stds = config.dslm_stds()
-    vo = [float(v) for v in stds.vo]
-    # the table's FFN std is for d_f = 4d; (4d/d_f)^(1/4) keeps the block's output variance 1 - p
-    ffn = stds.ffn * (4 * d / d_f) ** 0.25
-    return dict(embedding=stds.embedding, qk=stds.qk, v=vo, attn_out=vo, ffn=ffn,
-                head=stds.head, binary=stds.head)
 
 
 def _encoder(model):
@@ -130,29 +101,3 @@ def init_weights(model: nn.Module, config: BertConfig | None = None,
             target = target[entry.rows[0]:entry.rows[1]]
         target.normal_(0.0, entry.std, generator=generator)
     return model
-
-
-@torch.no_grad()
-def measure_r0(model_or_embeddings: nn.Module, batch: dict) -> float:
-    """Cross-token correlation of the summed input embeddings (word + position + token type,
-    without dropout) on a data batch: the mean off-diagonal correlation over non-pad tokens, pooled
-    over features and sequences (:class:`dslm.probe.stats.TokenMoments`). This is the r0 of the
-    DSLM s_vo recursion (``--r0 auto``); the result is clipped into (0, 1]."""
-    from dslm.probe.stats import TokenMoments
-
-    emb = model_or_embeddings
-    if hasattr(emb, "bert"):
-        emb = emb.bert
-    if hasattr(emb, "embeddings"):
-        emb = emb.embeddings
-    device = emb.word_embeddings.weight.device
-    ids = batch["input_ids"].to(device)
-    types = batch.get("token_type_ids")
-    mask = batch.get("attention_mask")
-    x = emb.embed(ids, None if types is None else types.to(device))
-    moments = TokenMoments(device)
-    moments.add(x, None if mask is None else mask.to(device))
-    r = float(moments.result()[2])
-    if not math.isfinite(r):
-        raise ValueError("cannot measure r0: the batch needs sequences with at least 2 real tokens")
-    return min(max(r, 1e-6), 1.0)

@@ -1,7 +1,7 @@
 """Whole-model signal propagation predicted from the component moments (THEORY.md sections 1-3).
 
 :func:`predict` walks a BERT built from a :class:`dslm.model.BertConfig` layer by layer with the
-formulas of :mod:`dslm.theory.components` and the init stds of :func:`dslm.model.init.scheme_stds`
+formulas of :mod:`dslm.theory.components` and the init stds of :func:`dslm.theory.schemes.scheme_stds`
 (the same numbers the model is initialised with), and returns per layer:
 
 - ``forward_variance`` and ``correlation`` of the residual stream after the layer (for Post-LN, the
@@ -63,6 +63,7 @@ from dslm.records import jsonable_fields
 from dslm.theory.components import (
     attention_head, dropout, ffn_block, gelu, layernorm, linear, relu, softmax,
 )
+from dslm.theory.schemes import scheme_stds
 
 GRAD_MATRICES = ("q", "k", "v", "attn_out", "ffn_in", "ffn_out")
 
@@ -139,12 +140,10 @@ def predict(config, seq_len=None, batch_size=None, r0=None, lengths=None,
     ``seq_len``/``batch_size``: an unpadded batch shape; or ``lengths``: the real-token count of each
     sequence of the batch (the attention sees only real keys). ``r0``: cross-token correlation of
     the summed input embeddings before dropout (default ``config.r0``; measure it with
-    :func:`dslm.model.measure_r0` for the actual model and batch). ``top_grad_corr``: correlation
+    :func:`dslm.probe.measure_r0` for the actual model and batch). ``top_grad_corr``: correlation
     of the gradient arriving at the top of the stack. ``ln_corr_mode`` / ``softmax_variant``: the
     component variants (see :func:`layernorm_corr`, :func:`softmax_var`).
     """
-    from dslm.model.init import scheme_stds  # the model's own init numbers (one source of truth)
-
     tokens, pairs, L = _token_counts(seq_len, batch_size, lengths)
     d, d_f = config.hidden_size, config.ffn_size
     d_h, N = config.head_dim, config.num_layers

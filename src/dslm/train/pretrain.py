@@ -139,7 +139,7 @@ class PretrainTask:
 
     def build_model(self) -> nn.Module:
         if self.r0_auto and self.config.uses_dslm_init:
-            from dslm.model import measure_r0
+            from dslm.probe import measure_r0
 
             probe = BertForPreTraining(self.config)
             batch = self.dataset("train").get_batch(range(min(64, len(self.dataset("train")))))
