@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dslm.errors import UsageError
+from dslm.runtime import resolve_device
 
 PRESETS = {
     # THEORY.md section 4
@@ -77,16 +78,6 @@ def add_arguments(p):
 
 # ---------------------------------------------------------------------------------------------
 # settings
-
-
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    return torch.device(name)
 
 
 def _settings(args, device) -> dict:
@@ -366,7 +357,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     start = time.perf_counter()
-    device = _device(args.device)
+    device = resolve_device(args.device)
     s = _settings(args, device)
     placements = _placements(args)
     out = Path(args.out) if args.out else Path("outputs") / "figures" / args.init

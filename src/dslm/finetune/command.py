@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dslm.errors import UsageError
+from dslm.runtime import is_main_process, resolve_device
 
 COMMON = dict(lr=2e-5, weight_decay=0.01, clip=1.0, precision="bf16", eval_iters=None, save_every=0,
               keep_last=1, log_every=50, num_workers=1, max_len=512, dropout=0.1)
@@ -96,12 +97,8 @@ def resolve_defaults(args) -> argparse.Namespace:
     return args
 
 
-def _is_main() -> bool:
-    return os.environ.get("RANK", "0") in ("0", "")
-
-
 def _log(msg: str) -> None:
-    if _is_main():
+    if is_main_process():
         print(msg, flush=True)
 
 
@@ -233,7 +230,7 @@ def run(args) -> int:
     except NonFiniteLoss as e:
         print(f"dslm finetune: {e}", flush=True)
         return 1
-    if not _is_main():
+    if not is_main_process():
         return 0
     out = Path(cfg.out_dir)
     predictions = {}
@@ -265,7 +262,6 @@ def _final_model(task, result):
     model = task.model
     if not getattr(model, "dslm_fsdp", False):
         return model
-    import torch
     from safetensors.torch import load_file
 
     from dslm.finetune.heads import MultipleChoice, SequenceClassifier
@@ -277,5 +273,5 @@ def _final_model(task, result):
     else:
         fresh = SequenceClassifier(task.config, task.spec.num_labels, encoder=encoder)
     fresh.load_state_dict(load_file(str(Path(result["checkpoint"]) / "model.safetensors")))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto")
     return fresh.to(device)

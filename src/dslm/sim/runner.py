@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dslm.errors import UsageError
+from dslm.runtime import resolve_device  # noqa: F401 (the simulation command resolves through here)
 from dslm.sim.components import COMPONENTS, Component
 from dslm.sim.estimators import percentiles, relative_error
 
@@ -96,14 +97,6 @@ def load_grid_file(path: str | Path) -> dict:
         raise UsageError(f"grid file {path}: unknown component {unknown[0]!r}; "
                          f"components are {', '.join(COMPONENTS)}")
     return data
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but no CUDA device is available")
-    return torch.device(device)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -14,7 +14,7 @@ from dslm.theory.deepnorm import deepnorm_stds
 MEGATRON_STD = 0.02
 
 
-def scheme_stds(config: BertConfig) -> dict:
+def scheme_stds(config) -> dict:
     """The table column of ``config.weight_scheme``: role -> std, with keys embedding, qk, v and
     attn_out (per-layer lists), ffn, head (LM-head dense and pooler) and binary."""
     d, d_h, d_f, n = config.hidden_size, config.head_dim, config.ffn_size, config.num_layers

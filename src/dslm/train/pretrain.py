@@ -19,6 +19,7 @@ from torch import nn
 from dslm.errors import UsageError
 from dslm.model import BertConfig, BertForPreTraining
 from dslm.model.bert import IGNORE_INDEX
+from dslm.runtime import is_main_process
 from dslm.train.engine import NonFiniteLoss, add_train_arguments, train, train_config_from_args
 
 DEFAULT_DATA = "outputs/data/embedded"
@@ -267,7 +268,7 @@ def run(args) -> int:
     if args.data is None:
         from dslm.data import ensure_embedded_dataset
 
-        data = ensure_embedded_dataset(DEFAULT_DATA) if _is_main() else None
+        data = ensure_embedded_dataset(DEFAULT_DATA) if is_main_process() else None
         _barrier_files(DEFAULT_DATA)
         data = data or DEFAULT_DATA
     else:
@@ -278,7 +279,7 @@ def run(args) -> int:
     config = build_config(args, vocab_size)
     task = PretrainTask(data, config, args.seq_len, seed=cfg.seed, num_workers=cfg.num_workers,
                         r0_auto=args.r0 == "auto")
-    if _is_main():   # the run directory carries its vocabulary, so `dslm finetune --init-from` finds it
+    if is_main_process():   # the run directory carries its vocabulary, so `dslm finetune --init-from` finds it
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(data) / "vocab.txt", Path(cfg.out_dir) / "vocab.txt")
     try:
@@ -286,17 +287,12 @@ def run(args) -> int:
     except NonFiniteLoss as e:
         print(f"dslm pretrain: {e}", flush=True)
         return 1
-    if _is_main():
+    if is_main_process():
         path = Path(cfg.out_dir) / "final_metrics.json"
         path.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"final metrics: {path}")
     return 0
 
-
-def _is_main() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _barrier_files(data_dir: str) -> None:
@@ -304,7 +300,7 @@ def _barrier_files(data_dir: str) -> None:
     import os
     import time
 
-    if _is_main():
+    if is_main_process():
         return
     deadline = time.time() + 600
     while not (Path(data_dir) / "dataset.json").is_file():
