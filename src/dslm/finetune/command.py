@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dslm.errors import UsageError
+from dslm.model.flags import add_model_arguments, config_from_args
 from dslm.runtime import is_main_process, resolve_device
 
 COMMON = dict(lr=2e-5, weight_decay=0.01, clip=1.0, precision="bf16", eval_iters=None, save_every=0,
@@ -66,14 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-eval", type=int, default=None, metavar="N",
                         help="use a fixed random subset of N examples of each evaluation split")
     m = parser.add_argument_group("fresh model (only without --init-from)")
-    m.add_argument("--layers", type=int, default=FRESH["layers"], help="transformer layers")
-    m.add_argument("--hidden", type=int, default=FRESH["hidden"], help="model width d")
-    m.add_argument("--heads", type=int, default=FRESH["heads"], help="attention heads")
-    m.add_argument("--ffn", type=int, default=None, help="FFN width (default 4 d)")
-    m.add_argument("--ln", choices=("post", "pre"), default=FRESH["ln"], help="LayerNorm placement")
-    m.add_argument("--activation", choices=("relu", "gelu"), default=FRESH["activation"], help="FFN activation")
-    from dslm.model.config import INIT_CHOICES
-    m.add_argument("--init", choices=INIT_CHOICES, default=FRESH["init"], help="init scheme (deepnorm: Post-LN only)")
+    add_model_arguments(m, FRESH)
     # no --cuda-graphs: finetuning batches are padded to their longest example, so shapes vary
     add_train_arguments(parser, COMMON, exclude=("cuda_graphs",))
     for action in parser._actions:
@@ -171,7 +165,7 @@ def run(args) -> int:
     from dslm.data.vocab import Tokenizer
     from dslm.finetune.heads import load_encoder, resolve_checkpoint
     from dslm.finetune.tasks import DEMO_DATA, SPECS, FinetuneTask, predict, write_predictions
-    from dslm.model import BertConfig, BertModel
+    from dslm.model import BertModel
     from dslm.train.engine import NonFiniteLoss, train, train_config_from_args
 
     args = resolve_defaults(args)
@@ -198,13 +192,9 @@ def run(args) -> int:
         factory = lambda: encoder  # noqa: E731
     else:
         tokenizer = Tokenizer.from_file(resolve_vocab(args, None))
-        try:
-            config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=args.hidden, num_layers=args.layers,
-                                num_heads=args.heads, ffn_size=args.ffn, max_position_embeddings=max(512, args.max_len),
-                                hidden_dropout=args.dropout, attention_dropout=args.dropout, ln=args.ln,
-                                activation=args.activation, init=args.init)
-        except ValueError as e:
-            raise UsageError(f"model: {e}") from None
+        if args.r0 == "auto":
+            raise UsageError("--r0 auto: measured by dslm pretrain only; give a number for a fresh finetuned model")
+        config = config_from_args(args, tokenizer.vocab_size, args.max_len)
         source = f"fresh {args.layers}-layer d={args.hidden} model ({args.init} init)"
         factory = lambda: BertModel(config)  # noqa: E731
     if tokenizer.vocab_size > config.vocab_size:

@@ -19,6 +19,7 @@ from torch import nn
 from dslm.errors import UsageError
 from dslm.model import BertConfig, BertForPreTraining
 from dslm.model.bert import IGNORE_INDEX
+from dslm.model.flags import add_model_arguments, config_from_args
 from dslm.runtime import is_main_process
 from dslm.train.engine import NonFiniteLoss, add_train_arguments, train, train_config_from_args
 
@@ -194,37 +195,14 @@ class PretrainTask:
 
 
 # ---- the `dslm pretrain` command ---------------------------------------------------------------
-def _r0(value: str):
-    if value == "auto":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="reference",
                         help="defaults for every flag not given: the paper's recipe, or a CPU-sized run")
     parser.add_argument("--data", metavar="DIR", default=None,
                         help=f"prepared dataset directory (default: the embedded corpus, prepared on first use in {DEFAULT_DATA})")
     m = parser.add_argument_group("model")
-    m.add_argument("--layers", type=int, help="transformer layers")
-    m.add_argument("--hidden", type=int, help="model width d")
-    m.add_argument("--heads", type=int, help="attention heads")
-    m.add_argument("--ffn", type=int, help="FFN width (default 4 d)")
+    add_model_arguments(m)
     m.add_argument("--seq-len", type=int, help="sequence length L")
-    m.add_argument("--ln", choices=("post", "pre"), help="LayerNorm placement")
-    m.add_argument("--activation", choices=("relu", "gelu"), help="FFN activation")
-    from dslm.model.config import INIT_CHOICES
-    m.add_argument("--init", choices=INIT_CHOICES, help="init scheme (deepnorm: Post-LN only)")
-    m.add_argument("--dslm-mode", choices=("both", "init", "scaling"), default="both",
-                   help="with --init dslm: init + residual scaling, init only, or scaling only")
-    m.add_argument("--lam2", type=float, default=None, help="DSLM lambda^2 (default 1 - beta^2)")
-    m.add_argument("--beta2", type=float, default=None, help="DSLM beta^2 (default dslm_k / layers)")
-    m.add_argument("--dslm-k", type=float, default=1.0, help="beta^2 = k / layers when --beta2 is not given")
-    m.add_argument("--r0", type=_r0, default=None, help="input correlation for the DSLM init: a number or "
-                   "'auto' (measured on a data batch); default 0.221")
     m.add_argument("--dropout", type=float, help="hidden and attention dropout")
     add_train_arguments(parser, RECIPE)
     # flags a preset sets: absent from the namespace unless given, resolved in run()
@@ -246,25 +224,12 @@ def _resolve(args) -> argparse.Namespace:
     return args
 
 
-def build_config(args, vocab_size: int) -> BertConfig:
-    r0 = args.r0 if isinstance(args.r0, float) else None
-    try:
-        return BertConfig(vocab_size=vocab_size, hidden_size=args.hidden, num_layers=args.layers,
-                          num_heads=args.heads, ffn_size=args.ffn,
-                          max_position_embeddings=max(512, args.seq_len), hidden_dropout=args.dropout,
-                          attention_dropout=args.dropout, ln=args.ln, activation=args.activation,
-                          init=args.init, dslm_mode=args.dslm_mode, lam2=args.lam2, beta2=args.beta2,
-                          dslm_k=args.dslm_k, **({"r0": r0} if r0 is not None else {}))
-    except ValueError as e:
-        raise UsageError(f"model: {e}") from None
-
-
 def run(args) -> int:
     args = _resolve(args)
     cfg = train_config_from_args(args)
     if args.seq_len is None or args.seq_len < 8:
         raise UsageError(f"--seq-len {args.seq_len}: must be >= 8")
-    build_config(args, vocab_size=30522)   # reject an impossible model before preparing any data
+    config_from_args(args, vocab_size=30522, seq_len=args.seq_len)   # reject an impossible model before preparing any data
     if args.data is None:
         from dslm.data import ensure_embedded_dataset
 
@@ -276,7 +241,7 @@ def run(args) -> int:
     from dslm.data.manifest import read_manifest
 
     vocab_size = read_manifest(Path(data))["vocab_size"]
-    config = build_config(args, vocab_size)
+    config = config_from_args(args, vocab_size, args.seq_len)
     task = PretrainTask(data, config, args.seq_len, seed=cfg.seed, num_workers=cfg.num_workers,
                         r0_auto=args.r0 == "auto")
     if is_main_process():   # the run directory carries its vocabulary, so `dslm finetune --init-from` finds it
