@@ -120,3 +120,23 @@ def test_save_and_load_pretrained(tmp_path, ln):
     assert isinstance(from_pretrained(tmp_path / "ckpt"), BertForPreTraining)
     with pytest.raises(UsageError, match="config.json"):
         BertModel.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("head", ["BertForMaskedLM", "BertForSequenceClassification", "BertForNextSentencePrediction"])
+def test_hf_encoder_of_any_head_class(head):
+    """The encoder of an HF head class converts exactly into our BertModel (hidden states; the pooler
+    too where HF has one)."""
+    torch.manual_seed(0)
+    hf = getattr(transformers, head)(_hf_config("gelu", 1e-12)).eval()
+    _perturb(hf)
+    ours = from_hf(hf).eval()
+    assert isinstance(ours, BertModel)
+    ids, types, mask = _inputs()
+    with torch.no_grad():
+        hf_out = hf.bert(input_ids=ids, token_type_ids=types, attention_mask=mask, output_hidden_states=True)
+        ours_out = ours(ids, types, mask, output_hidden_states=True)
+    torch.testing.assert_close(ours_out.last_hidden_state, hf_out.last_hidden_state, **TOL)
+    for a, b in zip(hf_hidden_states(ours, ours_out.hidden_states), hf_out.hidden_states):
+        torch.testing.assert_close(a, b, **TOL)
+    if hf.bert.pooler is not None:
+        torch.testing.assert_close(ours_out.pooled_output, hf_out.pooler_output, **TOL)

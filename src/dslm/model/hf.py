@@ -97,13 +97,19 @@ def _mapping(n_layers: int, ours: str, hf: str, pretraining: bool) -> dict[str, 
 
 
 def _is_pretraining_hf(hf_model) -> bool:
-    return hasattr(hf_model, "cls") and hasattr(hf_model, "bert")
+    """Both pretraining heads present (HF ``BertForPreTraining``)."""
+    cls = getattr(hf_model, "cls", None)
+    return hasattr(hf_model, "bert") and hasattr(cls, "predictions") and hasattr(cls, "seq_relationship")
 
 
 @torch.no_grad()
 def from_hf(hf_model):
-    """Our ``BertForPreTraining`` from an HF ``BertForPreTraining``, our ``BertModel`` from an HF
-    ``BertModel`` (an HF model without a pooler leaves ours at its init)."""
+    """Our ``BertForPreTraining`` from an HF ``BertForPreTraining``; our ``BertModel`` from an HF
+    ``BertModel`` or from the encoder (``.bert``) of any other HF BERT head class (``BertForMaskedLM``,
+    ``BertForSequenceClassification``, ...): their task heads have no counterpart here and are not
+    converted. An HF encoder without a pooler (``BertForMaskedLM``) leaves ours at its init."""
+    if not _is_pretraining_hf(hf_model) and isinstance(getattr(hf_model, "bert", None), torch.nn.Module):
+        return from_hf(hf_model.bert)
     pretraining = _is_pretraining_hf(hf_model)
     config = config_from_hf(hf_model.config)
     model = BertForPreTraining(config) if pretraining else BertModel(config)
