@@ -154,3 +154,16 @@ def test_correlation_rises_with_depth(deep_probes):
     for key in (("xavier", "pre"), ("xavier", "post"), ("dslm", "pre"), ("dslm", "post")):
         c = deep_probes[key].correlation
         assert 0 < c[0] < c[-1] < 1, key
+
+
+def test_probe_and_prediction_share_the_signal_profile():
+    """The measured and the predicted record are one type of record: the same fields compare."""
+    from dataclasses import fields
+
+    from dslm.probe import ProbeResult
+    from dslm.theory import Prediction, SignalProfile
+
+    shared = [f.name for f in fields(SignalProfile)]
+    assert issubclass(ProbeResult, SignalProfile) and issubclass(Prediction, SignalProfile)
+    assert [f.name for f in fields(ProbeResult)][:len(shared)] == shared
+    assert [f.name for f in fields(Prediction)][:len(shared)] == shared

@@ -17,44 +17,27 @@ parameter is updated; gradients are cleared before and after.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from dslm.probe.stats import TokenMoments
-from dslm.records import jsonable_fields
+from dslm.theory.profile import GRAD_MATRICES, SignalProfile
 
 MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "binary_labels")
-GRAD_MATRICES = ("q", "k", "v", "attn_out", "ffn_in", "ffn_out")
 IGNORE_INDEX = -100
 
 
 @dataclass
-class ProbeResult:
-    """Per-layer measurements; arrays have one entry per layer, bottom (input side) first."""
+class ProbeResult(SignalProfile):
+    """Measured per-layer moments (bottom first), the gradient at the input and the losses."""
 
-    forward_variance: np.ndarray       # residual stream after each layer
-    correlation: np.ndarray            # its mean cross-token correlation
-    grad_norm: np.ndarray              # L2 norm of the six weight-matrix gradients together
-    grad_norms: dict = field(default_factory=dict)  # name in GRAD_MATRICES -> per-layer L2 norm
-    grad_variance: np.ndarray = None   # variance of d loss / d (layer output)
-    grad_correlation: np.ndarray = None  # its cross-token correlation
-    embedding_variance: float = float("nan")     # the embedding output (after dropout)
-    embedding_correlation: float = float("nan")
     input_grad_variance: float = float("nan")    # d loss / d (embedding output)
     input_grad_correlation: float = float("nan")
     loss: float = float("nan")
     mlm_loss: float | None = None
     binary_loss: float | None = None
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.forward_variance)
-
-    def to_dict(self) -> dict:
-        """JSON-ready (lists and floats)."""
-        return jsonable_fields(self)
 
 
 def _split(batch: dict, size: int):

@@ -9,3 +9,4 @@ from dslm.theory.components import (  # noqa: F401
 from dslm.theory.deepnorm import deepnorm_alpha, deepnorm_beta, deepnorm_stds  # noqa: F401
 from dslm.theory.dslm_init import REFERENCE_R0, DSLMStds, dslm_stds, residual_scales  # noqa: F401
 from dslm.theory.predictor import Prediction, agreement, normalise, predict  # noqa: F401
+from dslm.theory.profile import GRAD_MATRICES, SignalProfile  # noqa: F401

@@ -55,41 +55,22 @@ the single constant that matches their geometric means.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from dslm.records import jsonable_fields
 from dslm.theory.components import (
     attention_head, dropout, ffn_block, gelu, layernorm, linear, relu, softmax,
 )
+from dslm.theory.profile import GRAD_MATRICES, SignalProfile
 from dslm.theory.schemes import scheme_stds
 
-GRAD_MATRICES = ("q", "k", "v", "attn_out", "ffn_in", "ffn_out")
-
-
 @dataclass
-class Prediction:
-    """Per-layer predictions (bottom first); gradient quantities are relative to the top gradient."""
+class Prediction(SignalProfile):
+    """Predicted per-layer moments (bottom first); gradient quantities are relative to the top gradient."""
 
-    forward_variance: np.ndarray
-    correlation: np.ndarray
-    grad_norm: np.ndarray
-    grad_norms: dict = field(default_factory=dict)
-    grad_variance: np.ndarray = None
-    grad_correlation: np.ndarray = None
-    embedding_variance: float = float("nan")
-    embedding_correlation: float = float("nan")
     attention_input_correlation: np.ndarray = None   # r entering each layer's attention (after LN)
     seq_len: float = float("nan")                      # effective L (mean real tokens per sequence)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.forward_variance)
-
-    def to_dict(self) -> dict:
-        """JSON-ready (lists and floats)."""
-        return jsonable_fields(self)
 
 
 def _token_counts(seq_len, batch_size, lengths):
