@@ -215,3 +215,16 @@ def test_records_of_another_dataset_are_refused(tmp_path):
         check_same_data(records, "a" * 64, tmp_path)
     with pytest.raises(UsageError, match="another dataset"):
         check_same_data({"z": {}}, "a" * 64, tmp_path)
+
+
+def test_family_train_flags(tmp_path):
+    """A family's train table adds flags for its runs only; the study's own flags are refused there."""
+    path = tmp_path / "t.toml"
+    path.write_text(SPEC.replace('seeds = [1, 2]\n[verdict]', 'seeds = [1, 2]\ntrain = {grad_profile = true}\n[verdict]'))
+    spec = load_spec(path)
+    assert pretrain_flags(spec, Run("M", "7x16", "b", 1e-3, 1), "cpu")["grad_profile"] is True
+    assert "grad_profile" not in pretrain_flags(spec, Run("S", "2x8", "b", 1e-3, 1), "cpu")
+    assert "--grad-profile" in as_argv(pretrain_flags(spec, Run("M", "7x16", "b", 1e-3, 1), "cpu"))
+    path.write_text(SPEC.replace('seeds = [1, 2]\n[verdict]', 'seeds = [1, 2]\ntrain = {lr = 1}\n[verdict]'))
+    with pytest.raises(UsageError, match="family M: train sets lr"):
+        load_spec(path)

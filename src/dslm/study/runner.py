@@ -241,6 +241,7 @@ class StudyRunner:
             "train_loss": final.get("train", {}).get("loss"), "skipped_steps": final.get("skipped_steps"),
             "peak_mem_gib": final.get("train", {}).get("peak_mem_gib"),
             "device": self.slots[job.slot][0], "data_sha256": self.data_sha256, "flags": job.flags,
+            **({"grad_profile": final["grad_profile"]} if "grad_profile" in final else {}),
             "curve_train": train_curve, "curve_valid": valid_curve,
             **({"log_tail": log_tail[-2000:]} if status != "done" else {}),
         }

@@ -57,6 +57,7 @@ class Family:
     extend: int = 2
     seeds: tuple[int, ...] = (1,)
     evals: int = 8
+    train: dict = field(default_factory=dict)   # flags over [train] for this family's runs
 
     @property
     def search_seed(self) -> int:
@@ -178,7 +179,7 @@ def _key(name: str) -> str:
 
 def _family(name: str, f: dict, schemes: dict, earlier: dict, fail) -> Family:
     known = {"tokens", "shapes", "schemes", "lrs", "lrs_around", "around_points", "around_scheme", "extend",
-             "seeds", "evals"}
+             "seeds", "evals", "train"}
     if set(f) - known:
         fail(f"family {name}: unknown keys {', '.join(sorted(set(f) - known))}")
     tokens = f.get("tokens")
@@ -218,7 +219,11 @@ def _family(name: str, f: dict, schemes: dict, earlier: dict, fail) -> Family:
     extend, evals = int(f.get("extend", 2)), int(f.get("evals", 8))
     if extend < 0 or evals < 1:
         fail(f"family {name}: extend must be >= 0 and evals >= 1")
-    return Family(name, int(tokens), shapes, chosen, lrs, around, points, source_scheme, extend, seeds, evals)
+    train = {_key(k): v for k, v in dict(f.get("train", {})).items()}
+    if set(train) & RESERVED:
+        fail(f"family {name}: train sets {', '.join(sorted(set(train) & RESERVED))}, which the study sets itself")
+    return Family(name, int(tokens), shapes, chosen, lrs, around, points, source_scheme, extend, seeds, evals,
+                  train)
 
 
 # ---- planning ----------------------------------------------------------------------------------
@@ -306,7 +311,7 @@ def pretrain_flags(spec: Spec, run: Run, device: str) -> dict:
     fam = spec.families[run.family]
     steps = steps_of(spec, fam)
     flags = {**spec.train, **(spec.train_cuda if device == "cuda" else spec.train_cpu),
-             **spec.schemes[run.scheme], **fam.shapes[run.shape],
+             **fam.train, **spec.schemes[run.scheme], **fam.shapes[run.shape],
              "lr": run.lr, "seed": run.seed, "steps": steps,
              "eval_every": max(1, steps // fam.evals), "eval_iters": "all",
              "save_every": max(1, steps // 4), "keep_last": 1}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from dslm.errors import UsageError
 from dslm.model import BertConfig, BertForPreTraining
 from dslm.model.bert import IGNORE_INDEX
 from dslm.model.flags import add_model_arguments, config_from_args
-from dslm.runtime import is_main_process
+from dslm.runtime import is_main_process, resolve_device
 from dslm.train.engine import NonFiniteLoss, add_train_arguments, train, train_config_from_args
 
 DEFAULT_DATA = "outputs/data/embedded"
@@ -118,9 +119,11 @@ class PretrainTask:
     name = "pretrain"
 
     def __init__(self, data_dir, config: BertConfig, seq_len: int, seed: int = 1234, num_workers: int = 2,
-                 r0_auto: bool = False, pin_memory: bool | None = None):
+                 r0_auto: bool = False, pin_memory: bool | None = None, grad_profile: bool = False):
         self.data_dir, self.config, self.seq_len, self.seed = Path(data_dir), config, seq_len, seed
-        self.num_workers, self.r0_auto = num_workers, r0_auto
+        self.num_workers, self.r0_auto, self.grad_profile = num_workers, r0_auto, grad_profile
+        self.model: PretrainingObjective | None = None   # the model build_model made (trained in place)
+        self.profiles: dict[str, dict] = {}
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.tokens_per_item = seq_len
         self._datasets = {}
@@ -148,7 +151,32 @@ class PretrainTask:
             r0 = measure_r0(probe, batch)
             self.config = BertConfig.from_dict({**self.config.to_dict(), "r0": r0})
             print(f"measured r0 = {r0:.4f}", flush=True)
-        return PretrainingObjective(BertForPreTraining(self.config), self.max_predictions)
+        model = BertForPreTraining(self.config)
+        if self.grad_profile and is_main_process():
+            self.profiles["init"] = self.signal_profile(model)
+        self.model = PretrainingObjective(model, self.max_predictions)
+        return self.model
+
+    def signal_profile(self, model: BertForPreTraining, sequences: int = 32) -> dict:
+        """Per-layer gradient norms (each weight matrix and all six together), forward variance and
+        correlation of ``model`` on the first ``sequences`` of the fixed valid set, in training mode
+        (:func:`dslm.probe.probe_model`), on the GPU when there is one. The RNG states are restored
+        afterwards, so a profile taken before training leaves the run's dropout masks unchanged."""
+        from dslm.data.evalset import FrozenEvalSet
+        from dslm.probe import probe_model
+
+        valid = FrozenEvalSet(self.data_dir, "valid", self.seq_len)
+        batch = valid.get_batch(range(min(sequences, len(valid))))
+        home = next(model.parameters()).device
+        device = resolve_device("auto") if home.type == "cpu" else home
+        model.to(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            result = probe_model(model, batch, micro_batch_size=8)
+        model.to(home)
+        return {"grad_norm": result.grad_norm.tolist(),
+                "grad_norms": {k: v.tolist() for k, v in result.grad_norms.items()},
+                "forward_variance": result.forward_variance.tolist(),
+                "correlation": result.correlation.tolist(), "loss": result.loss}
 
     def config_dict(self) -> dict:
         return {**self.config.to_dict(), "seq_len": self.seq_len}
@@ -204,6 +232,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(m)
     m.add_argument("--seq-len", type=int, help="sequence length L")
     m.add_argument("--dropout", type=float, help="hidden and attention dropout")
+    parser.add_argument("--grad-profile", action="store_true",
+                        help="probe the model at init and after training on 32 fixed valid sequences: per-layer "
+                             "gradient norms, forward variance and correlation, written to final_metrics.json "
+                             "(grad_profile)")
     add_train_arguments(parser, RECIPE)
     # flags a preset sets: absent from the namespace unless given, resolved in run()
     for action in parser._actions:
@@ -242,8 +274,10 @@ def run(args) -> int:
 
     vocab_size = read_manifest(Path(data))["vocab_size"]
     config = config_from_args(args, vocab_size, args.seq_len)
+    if args.grad_profile and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--grad-profile: probes a whole model, so it runs in a single process only")
     task = PretrainTask(data, config, args.seq_len, seed=cfg.seed, num_workers=cfg.num_workers,
-                        r0_auto=args.r0 == "auto")
+                        r0_auto=args.r0 == "auto", grad_profile=args.grad_profile)
     if is_main_process():   # the run directory carries its vocabulary, so `dslm finetune --init-from` finds it
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(data) / "vocab.txt", Path(cfg.out_dir) / "vocab.txt")
@@ -252,6 +286,9 @@ def run(args) -> int:
     except NonFiniteLoss as e:
         print(f"dslm pretrain: {e}", flush=True)
         return 1
+    if task.grad_profile and not result.get("stopped"):
+        task.profiles["final"] = task.signal_profile(task.model.pretrained)
+        result["grad_profile"] = task.profiles
     if is_main_process():
         path = Path(cfg.out_dir) / "final_metrics.json"
         path.write_text(json.dumps(result, indent=2, default=str) + "\n")
