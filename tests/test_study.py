@@ -228,3 +228,13 @@ def test_family_train_flags(tmp_path):
     path.write_text(SPEC.replace('seeds = [1, 2]\n[verdict]', 'seeds = [1, 2]\ntrain = {lr = 1}\n[verdict]'))
     with pytest.raises(UsageError, match="family M: train sets lr"):
         load_spec(path)
+
+
+def test_grad_profile_plot(tmp_path):
+    from dslm.study.plots import plot_grad_profiles
+
+    prof = {"init": {"grad_norm": [1.0, 0.5, 0.25]}, "final": {"grad_norm": [0.2, 0.2, 0.3]}}
+    runs = [{"family": "stress", "shape": f"{n}x4", "layers": n, "scheme": s, "grad_profile": prof}
+            for n in (3, 6) for s in ("a", "b")]
+    plot_grad_profiles(runs, tmp_path / "g.png")
+    assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

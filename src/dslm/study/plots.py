@@ -1,5 +1,6 @@
-"""The study's three pictures (matplotlib, headless): final loss against depth at equal parameters,
-loss against learning rate per cell, and valid-loss curves at each cell's best learning rate."""
+"""The study's pictures (matplotlib, headless): final loss against depth at equal parameters, loss
+against learning rate per cell, valid-loss curves at each cell's best learning rate, and, for runs
+with a gradient profile, each layer's gradient norm at init and after training."""
 from __future__ import annotations
 
 import math
@@ -76,3 +77,30 @@ def plot_study(spec: Spec, result: dict, out: Path) -> None:
         row[0].legend(fontsize=7)
     fig.tight_layout()
     save(fig, out / "curves.png")
+
+    profiled = [r for r in runs if r.get("grad_profile")]
+    if profiled:
+        plot_grad_profiles(profiled, out / "grad_profiles.png")
+
+
+def plot_grad_profiles(runs: list[dict], path: Path) -> None:
+    """One panel per shape: the gradient norm of every layer (all six weight matrices together) at
+    init (dashed) and after training (solid), one colour per scheme, log scale."""
+    shapes = sorted({r["shape"] for r in runs}, key=lambda s: next(r["layers"] for r in runs if r["shape"] == s))
+    schemes = sorted({r["scheme"] for r in runs})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 3.6), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for r in (r for r in runs if r["shape"] == shape):
+            k = schemes.index(r["scheme"])
+            for when, style in (("init", "--"), ("final", "-")):
+                norms = r["grad_profile"].get(when, {}).get("grad_norm")
+                if norms:
+                    ax.plot(range(1, len(norms) + 1), norms, style, color=f"C{k}", lw=1,
+                            label=f"{r['scheme']} {when}")
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_title(f"{runs[0]['family']} {shape}" if len({r['family'] for r in runs}) == 1 else shape, fontsize=10)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("gradient norm (weights of the layer)")
+    fig.tight_layout()
+    save(fig, path)
