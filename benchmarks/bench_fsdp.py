@@ -1,6 +1,7 @@
-"""Where FSDP2's time goes against DDP, with the engine's own pieces (``dslm.train.distributed.wrap``,
-the fused AdamW of ``build_optimizer``, ``clip_grad_norm``, bf16 autocast): BERT-base, L 512, a
-random batch per rank, one process per GPU under torchrun, every variant in the same processes:
+"""Where FSDP2's time goes against DDP, with the engine's own step (``Trainer.train_step``:
+``dslm.train.distributed.wrap``, bf16 autocast, ``clip_grad_norm``, the fused AdamW of
+``build_optimizer``): BERT-base, L 512, a random batch per rank, one process per GPU under
+torchrun, every variant in the same processes:
 
     torchrun --standalone --nproc_per_node 2 benchmarks/bench_fsdp.py --out fsdp.json
 
@@ -15,15 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from bench_pretrain import make_batch
 from dslm.model import BertConfig, BertForPreTraining
 from dslm.train import distributed as D
-from dslm.train.optim import build_optimizer, clip_grad_norm, skip_if_nonfinite
-from dslm.train.precision import autocast
+from dslm.train.engine import TrainConfig, Trainer
 from dslm.train.pretrain import PretrainingObjective
 
 SIZES = {"bert-base": dict(hidden_size=768, num_layers=12, num_heads=12, seq_len=512, batch=32),
@@ -31,56 +33,99 @@ SIZES = {"bert-base": dict(hidden_size=768, num_layers=12, num_heads=12, seq_len
 VARIANTS = ("ddp", "fsdp", "fsdp-keep", "fsdp-fp32")
 
 
+class BenchTask:
+    """The pretraining objective on one fixed batch per rank (no data, no evaluation); it notes
+    when its forward ends, for :class:`TimedTrainer`."""
+
+    name = "bench"
+
+    def __init__(self, config, seq_len):
+        self.config, self.seq_len = config, seq_len
+        self.forward_end = 0.0
+
+    def build_model(self):
+        return PretrainingObjective(BertForPreTraining(self.config), round(0.15 * self.seq_len))
+
+    def train_dataset(self):
+        return []
+
+    def eval_datasets(self):
+        return {}
+
+    def loss_and_metrics(self, model, batch):
+        out = model(**batch)
+        self.forward_end = time.perf_counter()
+        return out
+
+    def summarize(self, sums):
+        return sums
+
+
+class TimedTrainer(Trainer):
+    """The engine's Trainer wrapped as ``variant`` says, adding the host time of each part of its
+    steps to ``host`` while ``record`` is set: forward, backward, clip (with the non-finite check:
+    up to the optimizer's step) and the optimizer (AdamW, zeroing the gradients, the metric sums)."""
+
+    def __init__(self, task, cfg, env, variant):
+        self.variant = variant       # read by wrap(), which the constructor calls
+        super().__init__(task, cfg, env)
+        self.host = {"forward": 0.0, "backward": 0.0, "clip": 0.0, "optimizer": 0.0}
+        self.record = False
+        self._adamw_start = 0.0
+        self.optimizer.register_step_pre_hook(lambda *_: setattr(self, "_adamw_start", time.perf_counter()))
+
+    def wrap(self, model):
+        bf16 = self.cfg.precision == "bf16"
+        return D.wrap(model, self.env, fsdp=self.variant != "ddp",
+                      compute_dtype=torch.bfloat16 if bf16 and self.variant != "fsdp-fp32" else None,
+                      reshard_after_forward=self.variant != "fsdp-keep")
+
+    def micro_step(self, batch, last=True):
+        t0 = time.perf_counter()
+        super().micro_step(batch, last)
+        if self.record:
+            self.host["forward"] += self.task.forward_end - t0
+            self.host["backward"] += time.perf_counter() - self.task.forward_end
+
+    def optimizer_step(self):
+        t0 = time.perf_counter()
+        found = super().optimizer_step()
+        if self.record:
+            self.host["clip"] += self._adamw_start - t0
+            self.host["optimizer"] += time.perf_counter() - self._adamw_start
+        return found
+
+
 def run_variant(variant, env, size, steps, warmup):
     s = SIZES[size]
     config = BertConfig(vocab_size=30522, hidden_size=s["hidden_size"], num_layers=s["num_layers"],
                         num_heads=s["num_heads"], max_position_embeddings=512)
-    torch.manual_seed(0)
-    model = PretrainingObjective(BertForPreTraining(config), round(0.15 * s["seq_len"]))
-    bf16 = env.device.type == "cuda"
-    model = D.wrap(model, env, fsdp=variant != "ddp",
-                   compute_dtype=torch.bfloat16 if bf16 and variant != "fsdp-fp32" else None,
-                   reshard_after_forward=variant != "fsdp-keep")
-    opt = build_optimizer(model, 1e-4, 0.01)
-    params = list(model.parameters())
+    cfg = TrainConfig(out_dir=str(Path(tempfile.gettempdir()) / "bench_fsdp"), steps=10**9,
+                      global_batch=s["batch"] * env.world_size, micro_batch=s["batch"], lr=1e-4, warmup=0,
+                      weight_decay=0.01, clip=1.0, precision="bf16" if env.device.type == "cuda" else "fp32",
+                      fsdp=variant != "ddp", device=env.device.type, seed=0,
+                      progress=False)   # nothing is written unless a step is non-finite
+    trainer = TimedTrainer(BenchTask(config, s["seq_len"]), cfg, env, variant)
     batch = make_batch(s["batch"], s["seq_len"], config.vocab_size, env.device, seed=env.rank)
-    host = {"forward": 0.0, "backward": 0.0, "clip": 0.0, "optimizer": 0.0}
-
-    def step(record):
-        t0 = time.perf_counter()
-        with autocast(env.device, "bf16" if bf16 else "fp32"):
-            loss, _ = model(**batch)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        norm = clip_grad_norm(params, 1.0, opt)
-        t3 = time.perf_counter()
-        skip_if_nonfinite(opt, norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        opt.found_inf = opt.grad_scale = None
-        t4 = time.perf_counter()
-        if record:
-            for k, v in zip(host, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                host[k] += v
 
     sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
-        step(False)
+        trainer.train_step([batch])
     sync()
     D.barrier(env)
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    trainer.record = True
     start = time.perf_counter()
     for _ in range(steps):
-        step(True)
+        trainer.train_step([batch])
     sync()
     wall = (time.perf_counter() - start) / steps
     tokens = s["batch"] * s["seq_len"] * env.world_size
     row = {"tokens_per_s": tokens / wall, "step_ms": wall * 1e3,
-           "host_ms": {k: v / steps * 1e3 for k, v in host.items()},
+           "host_ms": {k: v / steps * 1e3 for k, v in trainer.host.items()},
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if env.device.type == "cuda" else None}
-    del model, opt, params
+    del trainer
     if env.device.type == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -14,9 +14,10 @@ Throughput: one optimizer step = forward + backward + global-norm clip (1.0) + f
 autocast with fp32 master weights, dropout 0.1, the same random batch (token ids uniform over the
 vocabulary, 10 % of the sequences padded to a random shorter length, 15 % of the real tokens
 predicted, a segment-order label) for both models. Timing: CUDA events around ``--steps`` steps after
-``--warmup`` steps (which include compilation). Ours runs the engine's own pieces
-(``PretrainingObjective``: LM head on the predicted positions only, fixed slots, no host sync;
-``build_optimizer``; ``clip_grad_norm``; ``skip_if_nonfinite``). HF runs ``BertForPreTraining``
+``--warmup`` steps (which include compilation). Ours runs the engine's own step,
+``Trainer.train_step`` (``PretrainingObjective``: LM head on the predicted positions only, fixed
+slots, no host sync; the non-finite skip, the schedule and the device-side metric sums included).
+HF runs ``BertForPreTraining``
 (attn_implementation="sdpa", labels on every position as HF computes them).
 
 MFU = tokens/s x F / 989e12 (H100 bf16 dense), with F = dslm.train.pretrain.bert_flops_per_token:
@@ -28,15 +29,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from dslm.model import BertConfig, BertForPreTraining
-from dslm.train.graphs import GraphedStep
-from dslm.train.optim import build_optimizer, clip_grad_norm, skip_if_nonfinite
-from dslm.train.precision import autocast
+from dslm.train import distributed as D
+from dslm.train.engine import TrainConfig, Trainer
 from dslm.train.pretrain import PretrainingObjective, bert_flops_per_token
 
 SIZES = {
@@ -110,50 +111,59 @@ def time_steps(step, warmup, steps):
     return start.elapsed_time(end) / 1000 / steps
 
 
+class BenchTask:
+    """The pretraining objective on one fixed batch, compiled as a variant says: the task the engine's
+    :class:`~dslm.train.engine.Trainer` runs for ``ours*`` (no data, no evaluation)."""
+
+    name = "bench"
+
+    def __init__(self, config, seq_len, variant):
+        self.config, self.seq_len, self.variant = config, seq_len, variant
+
+    def build_model(self):
+        return PretrainingObjective(BertForPreTraining(self.config), round(0.15 * self.seq_len))
+
+    def train_dataset(self):
+        return []
+
+    def eval_datasets(self):
+        return {}
+
+    def loss_and_metrics(self, model, batch):
+        return model(**batch)
+
+    def summarize(self, sums):
+        return sums
+
+    def compile_model(self, model):
+        if self.variant.startswith("ours-compiled-full"):   # one graph for the whole forward (one for the backward)
+            model.compile(mode={"ro": "reduce-overhead", "ma": "max-autotune"}.get(self.variant.rsplit("-", 1)[1]))
+        else:                                               # ours-compiled: per layer, and the head + loss
+            for layer in model.bert.layers:
+                layer.compile()
+            model.head_loss = torch.compile(model._head_loss)
+
+
 def ours_step(config, batch, variant):
-    """The engine's step (micro-step closure + optimizer-step closure), eager or as CUDA graphs
-    (:class:`dslm.train.graphs.GraphedStep`, which also runs its first steps eagerly), compiled per
-    layer (``ours-compiled``) or as a whole (``ours-compiled-full``; ``-ro``: with torch.compile's
-    own CUDA graphs, mode="reduce-overhead"; ``-ma``: mode="max-autotune", which also benchmarks
-    Triton GEMM templates with fused epilogues against cuBLAS and uses CUDA graphs)."""
-    graphs = "graphs" in variant
-    model = PretrainingObjective(BertForPreTraining(config).cuda(), round(0.15 * batch["input_ids"].shape[1]))
-    if variant.startswith("ours-compiled-full"):     # one graph for the whole forward (one for the backward)
-        model.compile(mode={"ro": "reduce-overhead", "ma": "max-autotune"}.get(variant.rsplit("-", 1)[1]))
-    elif variant == "ours-compiled":
-        for layer in model.bert.layers:
-            layer.compile()
-        model.head_loss = torch.compile(model._head_loss)
-    opt = build_optimizer(model, 1e-4, 0.01)
-    params = [p for p in model.parameters()]
-    device = torch.device("cuda")
+    """The engine's step, :meth:`Trainer.train_step <dslm.train.engine.Trainer.train_step>` (forward,
+    backward, clip 1.0, non-finite skip, fused AdamW, schedule), eager or as CUDA graphs
+    (``ours-graphs``: :class:`dslm.train.graphs.GraphedStep`, which also runs its first steps
+    eagerly), compiled per layer (``ours-compiled``) or as a whole (``ours-compiled-full``; ``-ro``:
+    with torch.compile's own CUDA graphs, mode="reduce-overhead"; ``-ma``: mode="max-autotune",
+    which also benchmarks Triton GEMM templates with fused epilogues against cuBLAS and uses CUDA
+    graphs). Returns the model and a function running one step on ``batch``."""
+    b, length = batch["input_ids"].shape
+    cfg = TrainConfig(out_dir=str(Path(tempfile.gettempdir()) / "bench_pretrain"), steps=10**9, global_batch=b,
+                      micro_batch=b, lr=1e-4, warmup=0, weight_decay=0.01, clip=1.0, precision="bf16",
+                      compile=variant.startswith("ours-compiled"), cuda_graphs="graphs" in variant,
+                      device="cuda", progress=False)   # nothing is written unless a step is non-finite
+    trainer = Trainer(BenchTask(config, length, variant), cfg, D.setup("cuda"))
 
-    def micro(b):
-        with autocast(device, "bf16"):
-            loss, _ = model(**b)
-        loss.backward()
-
-    def optimizer_step():
-        norm = clip_grad_norm(params, 1.0, opt)
-        found = skip_if_nonfinite(opt, norm)
-        opt.step()
-        opt.zero_grad(set_to_none=not graphs)
-        opt.found_inf = opt.grad_scale = None
-        return found
-
-    if graphs:
-        graphed = GraphedStep(opt, micro, optimizer_step)
-
-        def step():
-            graphed.micro_step(batch)
-            graphed.optimizer_step()
-    else:
-        def step():
-            if variant.endswith("-ro"):     # torch.compile's CUDA graphs: a new iteration begins
-                torch.compiler.cudagraph_mark_step_begin()
-            micro(batch)
-            optimizer_step()
-    return model, step
+    def step():
+        if variant.endswith("-ro"):     # torch.compile's CUDA graphs: a new iteration begins
+            torch.compiler.cudagraph_mark_step_begin()
+        trainer.train_step([batch])
+    return trainer.model, step
 
 
 def bench_ours(config, batch, variant, warmup, steps):

@@ -1,4 +1,6 @@
-"""The training loop shared by pretraining and finetuning: :func:`train` runs a :class:`~dslm.train.task.Task`.
+"""The training loop shared by pretraining and finetuning: :func:`train` runs a :class:`~dslm.train.task.Task`
+through a :class:`Trainer`, whose steps (:meth:`~Trainer.train_step`, :meth:`~Trainer.evaluate`,
+:meth:`~Trainer.save`, :meth:`~Trainer.load`) another loop or a benchmark can call as well.
 
 One optimizer step consumes the global batch ``global_batch`` as ``accum = global_batch /
 (micro_batch * world_size)`` micro-batches per rank; each micro-batch's loss (a mean over the
@@ -411,7 +413,7 @@ def train(task, cfg: TrainConfig) -> dict:
     validate(cfg)
     env = D.setup(cfg.device)
     try:
-        return _train(task, cfg, env)
+        return Trainer(task, cfg, env).fit()
     finally:
         D.cleanup()
 
@@ -426,247 +428,352 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _train(task, cfg: TrainConfig, env: D.DistEnv) -> dict:
-    device, world = env.device, env.world_size
-    micro, accum = _accumulation(cfg, world)
-    if cfg.cuda_graphs and (device.type != "cuda" or world > 1 or cfg.fsdp):
-        raise UsageError("--cuda-graphs needs one process on a CUDA device (no --fsdp, no torchrun ranks); "
-                         f"this run has {world} x {device.type}{' with --fsdp' if cfg.fsdp else ''}")
-    out_dir = Path(cfg.out_dir)
-    ckpt_root = out_dir / "checkpoints"
+# the engine's own interval sums, after the task's metrics (Trainer._interval)
+_ENGINE_KEYS = ("loss_sum", "micro_steps", "grad_norm_sum", "good_steps", "steps")
 
-    _seed(cfg.seed)  # same initial weights on every rank
-    model = task.build_model()
-    if cfg.compile:
-        _compile(task, model)
-    model = D.wrap(model, env, cfg.fsdp, torch.bfloat16 if cfg.precision == "bf16" else None)
-    train_ds = task.train_dataset()
-    eval_sets = task.eval_datasets() or {}
-    total = _total_steps(cfg, train_ds)
-    optimizer = build_optimizer(D.unwrap(model), cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
-                                cfg.adam_eps, fused=True if device.type in ("cuda", "cpu") else None)
-    scheduler = build_scheduler(optimizer, warmup_steps(cfg.warmup, total), total)
-    params = [p for p in model.parameters() if p.requires_grad]
 
-    model_config = None
-    inner = D.unwrap(model)
-    if hasattr(task, "config_dict"):
-        model_config = task.config_dict()
-    elif hasattr(getattr(inner, "config", None), "to_dict"):
-        model_config = inner.config.to_dict()
-    meta = {"task": task.name, "model_config": model_config, "global_batch": cfg.global_batch,
-            "total_steps": total, "train_config": asdict(cfg)}
+class Trainer:
+    """One training run of ``task`` under ``cfg`` on ``env`` (from :func:`dslm.train.distributed.setup`),
+    as steps that any loop can call; :meth:`fit` is the engine's own loop, the one :func:`train` runs.
 
-    start, rng, counters = 0, None, {}
-    if cfg.load:
-        path, saved, trainer = ckpt_io.load(cfg.load, model, optimizer, scheduler, env,
-                                            {"task": task.name, "model_config": model_config,
-                                             "global_batch": cfg.global_batch})
-        start, rng, counters = int(saved["step"]), trainer.get("rng"), trainer.get("counters", {})
-        if start > total:
-            raise UsageError(f"--load {path}: checkpoint is at step {start}, past --steps {total}")
-        newer = [p for p in ckpt_io.step_dirs(ckpt_root) if int(p.name[5:]) > start]
-        if newer:   # continuing an older timeline here would let keep-last prune the new one instead
-            raise UsageError(f"--load {path}: {ckpt_root} already holds a later checkpoint ({newer[-1].name}); "
+    Construction seeds ``cfg.seed`` (every rank starts from the same weights), builds the model,
+    compiles it (``cfg.compile``: the task's ``compile_model`` or each repeated block), wraps it
+    (:meth:`wrap`), builds the fused AdamW and the warmup + decay schedule for ``total`` steps and
+    restores ``cfg.load`` if given. A loop of one's own then calls :meth:`train_batches` once and
+    :meth:`train_step` per optimizer step; :meth:`train_metrics`, :meth:`evaluate` and :meth:`save`
+    whenever it wants them. Nothing is written to ``cfg.out_dir`` until something is logged or saved.
+
+    Public state: ``model`` (wrapped), ``optimizer``, ``scheduler``, ``step`` (optimizer steps done),
+    ``total`` (steps planned), ``micro`` and ``accum`` (micro-batch size per rank, micro-steps per
+    step), ``skipped`` and ``consecutive`` (non-finite steps in all and in a row, counted one step
+    late), ``last_checkpoint``.
+    """
+
+    def __init__(self, task, cfg: TrainConfig, env: D.DistEnv):
+        validate(cfg)
+        self.task, self.cfg, self.env = task, cfg, env
+        self.device, self.world = env.device, env.world_size
+        self.micro, self.accum = _accumulation(cfg, self.world)
+        if cfg.cuda_graphs and (self.device.type != "cuda" or self.world > 1 or cfg.fsdp):
+            raise UsageError("--cuda-graphs needs one process on a CUDA device (no --fsdp, no torchrun ranks); "
+                             f"this run has {self.world} x {self.device.type}{' with --fsdp' if cfg.fsdp else ''}")
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+
+        _seed(cfg.seed)  # same initial weights on every rank
+        model = task.build_model()
+        if cfg.compile:
+            _compile(task, model)
+        self.model = self.wrap(model)
+        self.train_ds = task.train_dataset()
+        self.eval_sets = task.eval_datasets() or {}
+        self.total = _total_steps(cfg, self.train_ds)
+        inner = D.unwrap(self.model)
+        self.optimizer = build_optimizer(inner, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+                                         cfg.adam_eps, fused=True if self.device.type in ("cuda", "cpu") else None)
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps(cfg.warmup, self.total), self.total)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+        model_config = None
+        if hasattr(task, "config_dict"):
+            model_config = task.config_dict()
+        elif hasattr(getattr(inner, "config", None), "to_dict"):
+            model_config = inner.config.to_dict()
+        self.meta = {"task": task.name, "model_config": model_config, "global_batch": cfg.global_batch,
+                     "total_steps": self.total, "train_config": asdict(cfg)}
+        self._flops_per_token = task.flops_per_token(inner) if hasattr(task, "flops_per_token") else None
+        self._peak = peak_flops(self.device, cfg.precision, cfg.peak_tflops)
+
+        self.step, self.skipped, self.consecutive = 0, 0, 0
+        self.last_checkpoint = None
+        self._rng = None                 # the checkpoint's RNG state, restored by train_batches
+        self._log = None
+        self._lagged = _Lagged(self.device)
+        self._keys = None                # the task's metric names, known after the first micro-step
+        self._step_acc = None            # this step's metric sums over its micro-steps (device)
+        self._interval = None            # sums since the last train_metrics (device)
+        self._tokens_per_step = None
+        self._t_interval, self._interval_tokens, self._eval_time = time.perf_counter(), 0, 0.0
+        self._run_tokens, self._run_time, self._first_interval = 0, 0.0, True
+        self._graphed = (GraphedStep(self.optimizer, self.micro_step, self.optimizer_step)
+                         if cfg.cuda_graphs else None)
+        if cfg.load:
+            self.load(cfg.load)
+
+    # ------------------------------------------------------------------------- construction
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move ``model`` to the device and wrap it for data parallelism: DDP, or FSDP2 with
+        ``--fsdp`` (parameters gathered in bf16 under ``--precision bf16``). A subclass may wrap
+        differently (the FSDP benchmark compares gather dtypes and resharding)."""
+        return D.wrap(model, self.env, self.cfg.fsdp, torch.bfloat16 if self.cfg.precision == "bf16" else None)
+
+    def load(self, path: str | Path) -> int:
+        """Restore a checkpoint (a step directory, or a run directory: its newest): weights, optimizer,
+        schedule, the skipped-step counters, and the RNG state (put back by :meth:`train_batches`, so
+        the resumed run draws what the uninterrupted one would). Refuses a checkpoint of another
+        task, model or global batch, one past the planned steps, and one older than a checkpoint
+        already in ``out_dir`` (continuing it would let keep-last prune the newer timeline).
+        Returns the checkpoint's step."""
+        expected = {k: self.meta[k] for k in ("task", "model_config", "global_batch")}
+        path, saved, state = ckpt_io.load(path, self.model, self.optimizer, self.scheduler, self.env, expected)
+        start, counters = int(saved["step"]), state.get("counters", {})
+        if start > self.total:
+            raise UsageError(f"--load {path}: checkpoint is at step {start}, past --steps {self.total}")
+        newer = [p for p in ckpt_io.step_dirs(self.ckpt_root) if int(p.name[5:]) > start]
+        if newer:
+            raise UsageError(f"--load {path}: {self.ckpt_root} already holds a later checkpoint ({newer[-1].name}); "
                              f"load that one, or write this run to another --out-dir")
+        self.step, self._rng = start, state.get("rng")
+        self.skipped, self.consecutive = counters.get("skipped", 0), counters.get("consecutive", 0)
+        return start
 
-    log = RunLogger(out_dir, env.is_main, total, start, progress=cfg.progress)
-    if env.is_main:
-        n_params = sum(p.numel() for p in inner.parameters())
-        log.print(f"{task.name}: {n_params / 1e6:.2f}M parameters, {world} x {device.type}, steps {start}->{total}, "
-                  f"global batch {cfg.global_batch} = {micro} x {accum} accumulation x {world} ranks, "
-                  f"{cfg.precision}{', compiled' if cfg.compile else ''}{', CUDA graphs' if cfg.cuda_graphs else ''}"
-                  + (f", resumed from {cfg.load}" if cfg.load else ""))
+    @property
+    def log(self) -> RunLogger:
+        """The run's logger (metrics.jsonl, TensorBoard, progress bar in ``out_dir``; rank 0 only),
+        opened on first use at the current step, so a resumed run drops the records its
+        predecessor wrote after the checkpoint."""
+        if self._log is None:
+            self._log = RunLogger(self.out_dir, self.env.is_main, self.total, self.step, progress=self.cfg.progress)
+        return self._log
 
-
-    flops_per_token = task.flops_per_token(inner) if hasattr(task, "flops_per_token") else None
-    peak = peak_flops(device, cfg.precision, cfg.peak_tflops)
-    skipped, consecutive = counters.get("skipped", 0), counters.get("consecutive", 0)
-    lagged = _Lagged(device)
-
-    def account(item):
-        """Count one step's non-finite flag (read one step late, see _Lagged)."""
-        nonlocal skipped, consecutive
-        s, (bad,) = item
-        if bad:
-            skipped += 1
-            consecutive += 1
-            log.print(f"step {s}: non-finite loss or gradient, step skipped ({consecutive} in a row)")
+    # ------------------------------------------------------------------------- one step
+    def train_batches(self):
+        """The iterator of training micro-batches from the current step on (``accum`` per step; this
+        rank's share), made once before the first :meth:`train_step`. It also seeds the dropout
+        stream per rank -- or restores a loaded checkpoint's RNG state -- after creating the loader
+        (which draws from torch's generator), so steps taken from it are those of :meth:`fit`."""
+        loader = _make_loader(self.task, self.train_ds, self.micro, self.env.rank, self.world, self.step * self.accum,
+                              self.total * self.accum, True, self.cfg, self.device)
+        batches = iter(loader)
+        if self._rng is not None:
+            ckpt_io.set_rng_state(self._rng)
         else:
-            consecutive = 0
+            _seed(self.cfg.seed * 1009 + 17 + self.env.rank)
+        self._t_interval = time.perf_counter()
+        return batches
 
-    keys = None
-    interval = None
-    engine_keys = ["loss_sum", "micro_steps", "grad_norm_sum", "good_steps", "steps"]
-    last_train, last_eval, last_ckpt = {}, {}, None
-    tokens_per_step = None
-    t_interval, interval_tokens = time.perf_counter(), 0
-    run_tokens, run_time, eval_time, first_interval = 0, 0.0, 0.0, True
-    stop_reason = None
+    def train_step(self, batches) -> torch.Tensor:
+        """One optimizer step over the next ``accum`` micro-batches of ``batches`` (an iterator such as
+        :meth:`train_batches`, or a list of ``accum`` batches): forward + backward of each
+        (:meth:`micro_step`, gradients all-reduced on the last one only), then :meth:`optimizer_step`
+        and the schedule -- replayed as CUDA graphs after the warmup steps under ``cfg.cuda_graphs``.
+        The non-finite flag of the previous step is read now (one step late, so the host never
+        waits for the GPU) and counted in ``skipped`` / ``consecutive``. Returns this step's flag,
+        a 0-dim device tensor (1 = skipped)."""
+        batches = iter(batches)
+        for a in range(self.accum):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise RuntimeError(f"the training loader ended at step {self.step} "
+                                   f"(expected {self.total} steps)") from None
+            if self._tokens_per_step is None:
+                ids = batch.get("input_ids")
+                per_item = getattr(self.task, "tokens_per_item", None) or (ids.shape[-1] if ids is not None else 1)
+                self._tokens_per_step = self.cfg.global_batch * per_item
+            if self._graphed is not None:
+                self._graphed.micro_step(batch)
+            else:
+                self.micro_step(_to_device(batch, self.device), last=a == self.accum - 1)
+        found = self._graphed.optimizer_step() if self._graphed is not None else self.optimizer_step()
+        self.scheduler.step()
+        self.step += 1
+        self._interval_tokens += self._tokens_per_step
 
-    def save(step):
-        nonlocal last_ckpt
-        pending = lagged.pop()   # the newest step's flag belongs in this checkpoint's counters
-        if pending:
-            account(pending)
-        path = ckpt_io.save(ckpt_root, step, model, optimizer, scheduler, env, meta,
-                            {"counters": {"skipped": skipped, "consecutive": consecutive}}, cfg.keep_last)
-        if env.is_main:
-            last_ckpt = path
-            log.print(f"step {step}: checkpoint {path}")
+        # the previous step's flag (its kernels are done or nearly; this one's stay queued)
+        previous = self._lagged.pop()
+        self._lagged.push(self.step, found.reshape(1))
+        for item in ([previous] if previous else []) + ([self._lagged.pop()] if self.step == self.total else []):
+            self._account(item)
+        return found
 
-    step_acc = None   # this step's metric sums over its micro-steps (device)
-
-    def micro_step(batch, last: bool = True) -> None:
-        """Forward + backward of one micro-batch; its metric sums are added to ``step_acc``."""
-        nonlocal keys, interval, step_acc
+    def micro_step(self, batch: dict, last: bool = True) -> None:
+        """Forward + backward of one micro-batch (on the device) with the loss divided by ``accum``;
+        its metric sums are added to this step's on the device. ``last=False`` skips the gradient
+        all-reduce (DDP ``no_sync`` / FSDP2), which the last micro-step of a step does once."""
+        model = self.model
         sync = contextlib.nullcontext()
-        if world > 1 and not last:
+        if self.world > 1 and not last:
             if hasattr(model, "no_sync"):
                 sync = model.no_sync()
             elif hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(False)
-        if world > 1 and last and hasattr(model, "set_requires_gradient_sync"):
+        if self.world > 1 and last and hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(True)
         with sync:
-            with autocast(device, cfg.precision):
-                loss, metrics = task.loss_and_metrics(model, batch)
-            (loss / accum).backward()
-        if keys is None:
-            keys = sorted(metrics)
-            interval = torch.zeros(len(keys) + len(engine_keys), device=device, dtype=torch.float64)
-            step_acc = torch.zeros(len(keys) + 1, device=device, dtype=torch.float32)
-        step_acc.add_(torch.cat([_stack(metrics, keys, device), loss.detach().float().reshape(1)]))
+            with autocast(self.device, self.cfg.precision):
+                loss, metrics = self.task.loss_and_metrics(model, batch)
+            (loss / self.accum).backward()
+        if self._keys is None:
+            self._keys = sorted(metrics)
+            self._interval = torch.zeros(len(self._keys) + len(_ENGINE_KEYS), device=self.device, dtype=torch.float64)
+            self._step_acc = torch.zeros(len(self._keys) + 1, device=self.device, dtype=torch.float32)
+        self._step_acc.add_(torch.cat([_stack(metrics, self._keys, self.device), loss.detach().float().reshape(1)]))
 
-    def optimizer_step() -> torch.Tensor:
+    def optimizer_step(self) -> torch.Tensor:
         """Clip, skip if non-finite, AdamW, zero the gradients; add the step to the interval sums.
-        Returns the 0-dim non-finite flag (1 = skipped) on the device."""
-        grad_norm = clip_grad_norm(params, cfg.clip, optimizer)
+        Returns the 0-dim non-finite flag (1 = skipped) on the device, without synchronising."""
+        optimizer = self.optimizer
+        grad_norm = clip_grad_norm(self.params, self.cfg.clip, optimizer)
         found = skip_if_nonfinite(optimizer, grad_norm)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=not cfg.cuda_graphs)   # graphs: persistent buffers, zeroed in place
+        optimizer.zero_grad(set_to_none=not self.cfg.cuda_graphs)   # graphs: persistent buffers, zeroed in place
         optimizer.found_inf = optimizer.grad_scale = None
         good = 1.0 - found
         gn = torch.where(found > 0, torch.zeros_like(grad_norm), grad_norm.float())
         # a skipped step's sums are dropped (where, not * 0: a NaN loss times 0 is still NaN)
-        kept = torch.where(found > 0, torch.zeros_like(step_acc), step_acc).double()
-        interval.add_(torch.cat([kept, torch.stack([good * accum, gn, good, torch.ones_like(good)]).double()]))
-        step_acc.zero_()
+        kept = torch.where(found > 0, torch.zeros_like(self._step_acc), self._step_acc).double()
+        self._interval.add_(torch.cat([kept, torch.stack([good * self.accum, gn, good, torch.ones_like(good)]).double()]))
+        self._step_acc.zero_()
         return found
 
-    graphed = GraphedStep(optimizer, micro_step, optimizer_step) if cfg.cuda_graphs else None
-
-    model.train()
-    # signal handlers first: loader workers forked below inherit them, so a SIGTERM sent to the whole
-    # process group leaves them running until the main process has written its checkpoint
-    with _Signals() as signals:
-        loader = _make_loader(task, train_ds, micro, env.rank, world, start * accum, total * accum, True, cfg, device)
-        batches = iter(loader)
-        # RNG after the loader iterator (creating it draws from torch's generator): dropout stream per rank
-        if rng is not None:
-            ckpt_io.set_rng_state(rng)
+    def _account(self, item) -> None:
+        """Count one step's non-finite flag (read one step late, see _Lagged)."""
+        s, (bad,) = item
+        if bad:
+            self.skipped += 1
+            self.consecutive += 1
+            self.log.print(f"step {s}: non-finite loss or gradient, step skipped ({self.consecutive} in a row)")
         else:
-            _seed(cfg.seed * 1009 + 17 + env.rank)
-        step = start
-        while step < total:
-            for a in range(accum):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    raise RuntimeError(f"the training loader ended at step {step} (expected {total} steps)") from None
-                if tokens_per_step is None:
-                    ids = batch.get("input_ids")
-                    per_item = getattr(task, "tokens_per_item", None) or (ids.shape[-1] if ids is not None else 1)
-                    tokens_per_step = cfg.global_batch * per_item
-                if graphed is not None:
-                    graphed.micro_step(batch)
-                else:
-                    micro_step(_to_device(batch, device), last=a == accum - 1)
-            found = graphed.optimizer_step() if graphed is not None else optimizer_step()
-            scheduler.step()
-            step += 1
-            interval_tokens += tokens_per_step
-            log.advance()
+            self.consecutive = 0
 
-            # the previous step's flag (its kernels are done or nearly; this one's stay queued)
-            previous = lagged.pop()
-            lagged.push(step, found.reshape(1))
-            for item in ([previous] if previous else []) + ([lagged.pop()] if step == total else []):
-                account(item)
-            if consecutive >= cfg.max_bad_steps:
-                stop_reason = "nonfinite"
-            boundary = step % cfg.log_every == 0 or step == total or stop_reason
-            if world == 1 and signals.received:
-                stop_reason = stop_reason or "signal"
-            if cfg.stop_at is not None and step >= cfg.stop_at and step < total:
-                stop_reason = stop_reason or "stop_at"
-            if boundary or stop_reason:
-                flag = torch.tensor([1.0 if signals.received else 0.0], device=device, dtype=torch.float64)
-                vec = torch.cat([interval, flag])
-                if world > 1:
-                    dist.all_reduce(vec)
-                values = vec.tolist()
-                interval.zero_()
-                if values[-1] > 0 and not stop_reason:
-                    stop_reason = "signal"
-                now = time.perf_counter()
-                elapsed = now - t_interval - eval_time
-                tps = interval_tokens / elapsed if elapsed > 0 else float("nan")
-                if not first_interval or step == total:
-                    run_tokens += interval_tokens
-                    run_time += elapsed
-                first_interval = False
-                sums = dict(zip(keys, values[:len(keys)]))
-                loss_sum, micro_steps, gn_sum, good_steps, n_steps = values[len(keys):len(keys) + 5]
-                summary = dict(task.summarize(sums)) if good_steps > 0 else {}
-                summary.setdefault("loss", loss_sum / micro_steps if micro_steps else float("nan"))
-                summary.update(lr=scheduler.get_last_lr()[0],
-                               grad_norm=gn_sum / good_steps if good_steps else float("nan"),
-                               tokens_per_s=tps, skipped_steps=float(skipped),
-                               tokens=float(step * tokens_per_step))   # seen since step 0
-                if flops_per_token and peak:
-                    summary["mfu"] = tps * flops_per_token / (peak * world)
-                if device.type == "cuda":
-                    summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                last_train = summary
-                log.log(step, "train", summary)
-                t_interval, interval_tokens, eval_time = now, 0, 0.0
-            if stop_reason:
-                break
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+    # ------------------------------------------------------------------------- metrics, eval, checkpoints
+    def train_metrics(self) -> dict[str, float]:
+        """The training metrics of the steps since the previous call, summed over their micro-steps and
+        all ranks (every rank must call it; it reads the device once): the task's summary, the mean
+        micro-batch ``loss``, ``lr``, ``grad_norm`` (mean over the steps not skipped), ``tokens_per_s``,
+        ``skipped_steps``, ``tokens`` since step 0, ``mfu`` when known, ``peak_mem_gib`` on CUDA."""
+        return self._interval_summary(signalled=False)[0]
+
+    def _interval_summary(self, signalled: bool) -> tuple[dict[str, float], bool]:
+        """:meth:`train_metrics`, with a stop request folded into the same all-reduce: also returns
+        whether any rank was ``signalled``."""
+        flag = torch.tensor([1.0 if signalled else 0.0], device=self.device, dtype=torch.float64)
+        vec = torch.cat([self._interval, flag])
+        if self.world > 1:
+            dist.all_reduce(vec)
+        values = vec.tolist()
+        self._interval.zero_()
+        now = time.perf_counter()
+        elapsed = now - self._t_interval - self._eval_time
+        tps = self._interval_tokens / elapsed if elapsed > 0 else float("nan")
+        if not self._first_interval or self.step == self.total:   # the first interval includes warmup
+            self._run_tokens += self._interval_tokens
+            self._run_time += elapsed
+        self._first_interval = False
+        self._t_interval, self._interval_tokens, self._eval_time = now, 0, 0.0
+        n = len(self._keys)
+        sums = dict(zip(self._keys, values[:n]))
+        loss_sum, micro_steps, gn_sum, good_steps, _ = values[n:n + len(_ENGINE_KEYS)]
+        summary = dict(self.task.summarize(sums)) if good_steps > 0 else {}
+        summary.setdefault("loss", loss_sum / micro_steps if micro_steps else float("nan"))
+        summary.update(lr=self.scheduler.get_last_lr()[0],
+                       grad_norm=gn_sum / good_steps if good_steps else float("nan"),
+                       tokens_per_s=tps, skipped_steps=float(self.skipped),
+                       tokens=float(self.step * self._tokens_per_step))   # seen since step 0
+        if self._flops_per_token and self._peak:
+            summary["mfu"] = tps * self._flops_per_token / (self._peak * self.world)
+        if self.device.type == "cuda":
+            summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return summary, values[-1] > 0
+
+    def evaluate(self, datasets: dict | None = None) -> dict[str, dict[str, float]]:
+        """The task's metric summaries on each of ``datasets`` (default: all the task's eval sets),
+        :func:`evaluate` with this run's model and config: every rank takes part, the RNG state is
+        left as it was, the model returns to training mode."""
+        return evaluate(self.task, self.model, self.eval_sets if datasets is None else datasets, self.cfg)
+
+    def save(self, step: int | None = None) -> Path | None:
+        """Write a checkpoint labelled ``step`` (default: the current step) under ``out_dir/checkpoints``,
+        keeping the newest ``keep_last``. The pending non-finite flag is counted first, so the saved
+        counters include the newest step. Returns the path on rank 0 (None on the others)."""
+        step = self.step if step is None else step
+        pending = self._lagged.pop()
+        if pending:
+            self._account(pending)
+        path = ckpt_io.save(self.ckpt_root, step, self.model, self.optimizer, self.scheduler, self.env, self.meta,
+                            {"counters": {"skipped": self.skipped, "consecutive": self.consecutive}},
+                            self.cfg.keep_last)
+        if self.env.is_main:
+            self.last_checkpoint = path
+            self.log.print(f"step {step}: checkpoint {path}")
+            return path
+        return None
+
+    # ------------------------------------------------------------------------- the loop
+    def fit(self) -> dict:
+        """Train from the current step to ``total``: log every ``log_every`` steps, evaluate (all eval
+        sets but ``test``) every ``eval_every`` and checkpoint every ``save_every`` steps, then the
+        final evaluation on every eval set and the final checkpoint. Stops early, with a checkpoint,
+        on SIGTERM/SIGINT, at ``stop_at``, or after ``max_bad_steps`` non-finite steps in a row
+        (then raises :class:`NonFiniteLoss`). Returns the final metrics (see :func:`train`)."""
+        cfg = self.cfg
+        if self.env.is_main:
+            n_params = sum(p.numel() for p in D.unwrap(self.model).parameters())
+            self.log.print(f"{self.task.name}: {n_params / 1e6:.2f}M parameters, {self.world} x {self.device.type}, "
+                           f"steps {self.step}->{self.total}, global batch {cfg.global_batch} = {self.micro} x "
+                           f"{self.accum} accumulation x {self.world} ranks, {cfg.precision}"
+                           f"{', compiled' if cfg.compile else ''}{', CUDA graphs' if cfg.cuda_graphs else ''}"
+                           + (f", resumed from {cfg.load}" if cfg.load else ""))
+        last_train, last_eval, stop = {}, {}, None
+        self.model.train()
+        # signal handlers first: loader workers forked by train_batches inherit them, so a SIGTERM sent
+        # to the whole process group leaves them running until this process has written its checkpoint
+        with _Signals() as signals:
+            batches = self.train_batches()
+            while self.step < self.total:
+                self.train_step(batches)
+                self.log.advance()
+                step = self.step
+                if self.consecutive >= cfg.max_bad_steps:
+                    stop = "nonfinite"
+                boundary = step % cfg.log_every == 0 or step == self.total or stop
+                if self.world == 1 and signals.received:
+                    stop = stop or "signal"
+                if cfg.stop_at is not None and cfg.stop_at <= step < self.total:
+                    stop = stop or "stop_at"
+                if boundary or stop:
+                    last_train, signalled = self._interval_summary(signals.received is not None)
+                    stop = stop or ("signal" if signalled else None)
+                    self.log.log(step, "train", last_train)
+                if stop:
+                    break
                 t0 = time.perf_counter()
-                eval_now = {k: v for k, v in eval_sets.items() if k != "test"}
-                if eval_now:
-                    last_eval = evaluate(task, model, eval_now, cfg)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total:
+                    last_eval = self.evaluate({k: v for k, v in self.eval_sets.items() if k != "test"})
                     for name, m in last_eval.items():
-                        log.log(step, name, m)
-                eval_time += time.perf_counter() - t0
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                t0 = time.perf_counter()
-                save(step)
-                eval_time += time.perf_counter() - t0
+                        self.log.log(step, name, m)
+                if cfg.save_every and step % cfg.save_every == 0 and step < self.total:
+                    self.save()
+                self._eval_time += time.perf_counter() - t0
+            if stop:
+                return self._stop(stop, signals.received, last_train, last_eval)
 
-        if stop_reason:
-            save(step)
-            log.close()
-            if stop_reason == "nonfinite":
-                where = last_ckpt or "(written by rank 0)"
-                raise NonFiniteLoss(f"stopped at step {step}: {consecutive} consecutive steps had a non-finite loss "
-                                    f"or gradient ({skipped} skipped in all); the last good weights are in {where}")
-            why = f"received {signals.received}" if stop_reason == "signal" else f"--stop-at {cfg.stop_at}"
-            log_msg = f"{why}: stopped at step {step} after writing {last_ckpt}; resume with --load {out_dir}"
-            if env.is_main:
-                print(log_msg, flush=True)
-            return {"train": last_train, "eval": last_eval, "steps": step, "stopped": signals.received or stop_reason,
-                    "tokens_per_s": run_tokens / run_time if run_time else None, "skipped_steps": skipped,
-                    "checkpoint": str(last_ckpt) if last_ckpt else None}
+        final_eval = self.evaluate() if self.eval_sets else {}
+        for name, m in final_eval.items():
+            self.log.log(self.total, name, m)
+        if cfg.save_final:
+            self.save()
+        self.log.close()
+        return self._result(last_train, final_eval)
 
-    final_eval = evaluate(task, model, eval_sets, cfg) if eval_sets else {}
-    for name, m in final_eval.items():
-        log.log(total, name, m)
-    if cfg.save_final:
-        save(total)
-    log.close()
-    return {"train": last_train, "eval": final_eval, "steps": total,
-            "tokens_per_s": run_tokens / run_time if run_time else None, "skipped_steps": skipped,
-            "checkpoint": str(last_ckpt) if last_ckpt else None}
+    def _stop(self, why: str, received: str | None, last_train: dict, last_eval: dict) -> dict:
+        """End the run early with a checkpoint; raise NonFiniteLoss when it stops for that."""
+        self.save()
+        self.log.close()
+        if why == "nonfinite":
+            where = self.last_checkpoint or "(written by rank 0)"
+            raise NonFiniteLoss(f"stopped at step {self.step}: {self.consecutive} consecutive steps had a non-finite "
+                                f"loss or gradient ({self.skipped} skipped in all); the last good weights are in {where}")
+        reason = f"received {received}" if why == "signal" else f"--stop-at {self.cfg.stop_at}"
+        if self.env.is_main:
+            print(f"{reason}: stopped at step {self.step} after writing {self.last_checkpoint}; "
+                  f"resume with --load {self.out_dir}", flush=True)
+        return {**self._result(last_train, last_eval), "stopped": received or why}
+
+    def _result(self, last_train: dict, evals: dict) -> dict:
+        return {"train": last_train, "eval": evals, "steps": self.step,
+                "tokens_per_s": self._run_tokens / self._run_time if self._run_time else None,
+                "skipped_steps": self.skipped,
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+
