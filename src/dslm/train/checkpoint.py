@@ -8,16 +8,25 @@
     rng_rank<r>.pt                    each rank's python / numpy / torch CPU / CUDA RNG states
     meta.json                         format version, step, task name, task + train config (written last)
 
-A checkpoint is written into ``.tmp-step_...`` and renamed when complete, so a directory named
-``step_*`` is always whole; only the newest ``keep_last`` are kept. :func:`load` checks the
-metadata against the current run and turns any unreadable, truncated or incompatible file into a
-one-line :class:`~dslm.errors.UsageError`.
+``trainer.pt`` and ``rng_rank<r>.pt`` hold only tensors and plain containers (numbers, strings,
+lists, tuples, dicts), and :func:`load` reads them with ``torch.load(weights_only=True)``: a file
+that would need any other object (and so could run code while being unpickled) is refused.
+
+A checkpoint is written into ``.tmp-step_...``, its files and folder are fsynced, and it is renamed
+when complete, so a directory named ``step_*`` is always whole. Re-saving an existing step moves the
+old folder aside to ``.old-step_...`` first and deletes it only after the new one is in place; a
+crash between the two renames leaves the old one aside, and it is put back by the next
+:func:`save` or :func:`resolve`. Only the newest ``keep_last`` are kept. :func:`load` checks the
+metadata against the current run and turns any unreadable, truncated, unsafe or incompatible file
+into a one-line :class:`~dslm.errors.UsageError`.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -35,7 +44,11 @@ WEIGHTS = "model.safetensors"
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states, in types that a weights-only ``torch.load`` accepts (numpy's key
+    array as a list of ints)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, key.tolist(), int(pos), int(has_gauss), float(gauss)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -43,7 +56,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -112,23 +126,75 @@ def save(root: str | Path, step: int, model, optimizer, scheduler, env: D.DistEn
     D.barrier(env)
     if not env.is_main:
         return None
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    _fsync_tree(tmp)
+    recover(root)
+    if final.exists():   # never a moment without a whole step_N on disk: old aside, new in, old deleted
+        aside = root / f".old-{name}"
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+        _fsync_dir(root)
     for old in step_dirs(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:   # a platform that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file of a freshly written checkpoint folder, then the folder, to disk."""
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def recover(root: str | Path) -> None:
+    """Finish a re-save interrupted between its renames: an ``.old-step_N`` whose ``step_N`` is
+    missing is put back; one whose ``step_N`` is in place is deleted."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for aside in root.glob(".old-step_*"):
+        final = root / aside.name[len(".old-"):]
+        try:
+            if final.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.replace(aside, final)
+        except OSError:   # another rank got there first
+            pass
 
 
 def resolve(path: str | Path) -> Path:
     """``path`` may be a checkpoint, a ``checkpoints`` folder or a run's output folder: the newest
     checkpoint inside is used."""
     p = Path(path)
+    if p.name.startswith("step_"):
+        recover(p.parent)
     if not p.exists():
         raise UsageError(f"--load {p}: no such checkpoint or directory")
     if (p / META).is_file() or (p / TRAINER).is_file():
         return p
     for root in (p, p / "checkpoints"):
+        recover(root)
         dirs = step_dirs(root)
         if dirs:
             return dirs[-1]
@@ -165,12 +231,32 @@ def check_compatible(meta: dict, expected: dict, ckpt: Path) -> None:
             raise UsageError(f"--load {ckpt}: incompatible {key}: {saved!r} in the checkpoint, {value!r} in this run")
 
 
+def _numpy_array_globals() -> list:
+    """What unpickling a plain numpy array needs (the numpy RNG state as earlier checkpoints stored
+    it): array reconstruction, no other code."""
+    key = np.random.get_state()[1]
+    return [key.__reduce__()[0], np.ndarray, np.dtype, type(key.dtype)]
+
+
 def _torch_load(path: Path):
+    """``torch.load`` of a checkpoint's trainer / RNG file, weights only: tensors and plain
+    containers (and numpy arrays) load, any other object in the pickle is refused before it is
+    created."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UsageError(f"--load {path}: file missing (incomplete checkpoint)") from None
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is damaged
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            if found:
+                raise UsageError(f"--load {path}: refused: it holds {found.group(1)}, which a dslm checkpoint never "
+                                 f"does (unpickling it could run code)") from None
+            raise UsageError(f"--load {path}: corrupt, or holds more than tensors and plain containers "
+                             f"(refused: unpickling it could run code)") from None
+        raise UsageError(f"--load {path}: corrupt or unreadable ({e.__class__.__name__})") from None
+    except Exception as e:  # noqa: BLE001 - any other unpickling failure means the file is damaged
         raise UsageError(f"--load {path}: corrupt or unreadable ({e.__class__.__name__})") from None
 
 
