@@ -92,15 +92,37 @@ def test_a_usable_environment_is_used_as_is(tmp_path, active):
     assert not record.exists(), record.read_text()           # pip never ran
 
 
+def _tools(tmp_path):
+    """A PATH entry with the few commands the script runs, and no Python."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for name in ("dirname", "mktemp", "rm", "ln"):
+        (tools / name).symlink_to(shutil.which(name))
+    return tools
+
+
+def test_a_bare_python3_on_path_also_answers_to_python(tmp_path):
+    root = _checkout(tmp_path)
+    record, fakepip, fakebin = _fake_pip(tmp_path)
+    wrap = tmp_path / "wrap"                                 # only `python3`, no `python`, on PATH
+    wrap.mkdir()
+    (wrap / "python3").write_text(f'#!/bin/sh\nexec "{BIN / "python"}" "$@"\n')
+    (wrap / "python3").chmod(0o755)
+    env = _env([fakebin, wrap, _tools(tmp_path)], PYTHONPATH=str(fakepip))
+    r = _run(root, env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == sys.prefix
+    assert _setup_lines(r.stderr) == [
+        f"[setup] using {wrap / 'python3'} from PATH, environment {sys.prefix} (torch {torch.__version__})"]
+    assert not (root / ".venv").exists() and not record.exists()
+
+
 def test_nothing_usable_means_a_new_venv(tmp_path):
     root = _checkout(tmp_path)
     record, fakepip, fakebin = _fake_pip(tmp_path)
     bare = tmp_path / "bare"                                 # a Python that cannot import torch
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=60)
-    tools = tmp_path / "tools"                               # PATH without any other Python
-    tools.mkdir()
-    for name in ("dirname", "mktemp", "rm", "ln"):
-        (tools / name).symlink_to(shutil.which(name))
+    tools = _tools(tmp_path)
     creating = f"[setup] no usable environment active: creating the virtual environment {root / '.venv'}"
 
     for extra, lines in [({}, [creating]),
