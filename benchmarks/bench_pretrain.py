@@ -15,8 +15,8 @@ autocast with fp32 master weights, dropout 0.1, the same random batch (token ids
 vocabulary, 10 % of the sequences padded to a random shorter length, 15 % of the real tokens
 predicted, a segment-order label) for both models. Timing: CUDA events around ``--steps`` steps after
 ``--warmup`` steps (which include compilation). Ours runs the engine's own step,
-``Trainer.train_step`` (``PretrainingObjective``: LM head on the predicted positions only, fixed
-slots, no host sync; the non-finite skip, the schedule and the device-side metric sums included).
+``Trainer.train_step`` (``BertForPreTraining`` with ``max_predictions``: LM head on the predicted
+positions only, fixed slots, no host sync; the non-finite skip, the schedule and the device-side metric sums included).
 HF runs ``BertForPreTraining``
 (attn_implementation="sdpa", labels on every position as HF computes them).
 
@@ -38,7 +38,7 @@ import torch
 from dslm.model import BertConfig, BertForPreTraining
 from dslm.train import distributed as D
 from dslm.train.engine import TrainConfig, Trainer
-from dslm.train.pretrain import PretrainingObjective, bert_flops_per_token
+from dslm.train.pretrain import bert_flops_per_token, pretraining_loss_and_metrics
 
 SIZES = {
     "bert-base": dict(num_layers=12, hidden_size=768, num_heads=12, seq_len=512, batch=32),
@@ -121,7 +121,7 @@ class BenchTask:
         self.config, self.seq_len, self.variant = config, seq_len, variant
 
     def build_model(self):
-        return PretrainingObjective(BertForPreTraining(self.config), round(0.15 * self.seq_len))
+        return BertForPreTraining(self.config)
 
     def train_dataset(self):
         return []
@@ -130,7 +130,7 @@ class BenchTask:
         return {}
 
     def loss_and_metrics(self, model, batch):
-        return model(**batch)
+        return pretraining_loss_and_metrics(model, batch, round(0.15 * self.seq_len))
 
     def summarize(self, sums):
         return sums
@@ -141,7 +141,7 @@ class BenchTask:
         else:                                               # ours-compiled: per layer, and the head + loss
             for layer in model.bert.layers:
                 layer.compile()
-            model.head_loss = torch.compile(model._head_loss)
+            model.head_loss = torch.compile(model.head_loss)
 
 
 def ours_step(config, batch, variant):

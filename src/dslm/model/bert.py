@@ -170,11 +170,13 @@ class PreTrainingOutput(_Output):
     loss: torch.Tensor | None = None           # mlm_loss + binary_loss (those given)
     mlm_loss: torch.Tensor | None = None       # mean over masked tokens
     binary_loss: torch.Tensor | None = None    # mean over labelled sequences
+    mlm_loss_sum: torch.Tensor | None = None   # summed over masked tokens (mlm_loss = sum / count)
     mlm_correct: torch.Tensor | None = None
     mlm_count: torch.Tensor | None = None
+    binary_loss_sum: torch.Tensor | None = None
     binary_correct: torch.Tensor | None = None
     binary_count: torch.Tensor | None = None
-    mlm_logits: torch.Tensor | None = None     # (n_masked, vocab) with labels, else (B, L, vocab)
+    mlm_logits: torch.Tensor | None = None     # (predicted slots, vocab) with labels, else (B, L, vocab)
     binary_logits: torch.Tensor | None = None  # (B, 2)
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
@@ -201,8 +203,10 @@ class _Pretrained:
     config: BertConfig
 
     def pretrained_meta(self) -> dict:
-        """What ``config.json`` holds: the class and the config."""
-        return {"architectures": [type(self).__name__], **self.config.to_dict()}
+        """What ``config.json`` holds: the class and the config. The class is the model's own, not
+        a wrapper's (FSDP's ``fully_shard`` swaps in a subclass named ``FSDP<name>``)."""
+        arch = next(c for c in type(self).__mro__ if _Pretrained in c.__bases__)
+        return {"architectures": [arch.__name__], **self.config.to_dict()}
 
     def save_pretrained(self, directory, state: dict | None = None) -> Path:
         return save_weights_dir(self, directory, self.pretrained_meta(), state)
@@ -300,6 +304,20 @@ class LMHead(nn.Module):
         return F.linear(h, decoder_weight, self.bias)
 
 
+def _predicted_positions(mlm_labels: torch.Tensor, max_predictions: int | None,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Flat indices (into B x L) of the positions the MLM head predicts: ``max_predictions`` slots per
+    sequence (its predicted positions first, then others, whose labels are -100), or every
+    predicted position (a data-dependent size: one host sync)."""
+    predicted = mlm_labels != IGNORE_INDEX
+    if max_predictions is None:
+        return predicted.reshape(-1).nonzero().squeeze(1)
+    b, length = mlm_labels.shape
+    n = min(max_predictions, length)
+    slots = predicted.to(dtype).topk(n, dim=1, sorted=False).indices
+    return (slots + torch.arange(b, device=slots.device).unsqueeze(1) * length).reshape(-1)
+
+
 class BertForPreTraining(nn.Module, _Pretrained):
     """BERT with the masked-LM head (decoder tied to the word embeddings) and a binary head on the
     pooled token 0 (next-sentence / sentence-order prediction)."""
@@ -314,37 +332,48 @@ class BertForPreTraining(nn.Module, _Pretrained):
             init_weights(self, config)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, mlm_labels=None,
-                binary_labels=None, output_hidden_states: bool = False) -> PreTrainingOutput:
+                binary_labels=None, output_hidden_states: bool = False,
+                max_predictions: int | None = None) -> PreTrainingOutput:
+        """Encoder, heads and (with labels) losses; ``max_predictions``: see :meth:`head_loss`."""
         enc = self.bert(input_ids, token_type_ids, attention_mask, output_hidden_states)
-        out = PreTrainingOutput(hidden_states=enc.hidden_states)
+        out = self.head_loss(enc.last_hidden_state, enc.pooled_output, mlm_labels, binary_labels, max_predictions)
+        out.hidden_states = enc.hidden_states
+        return out
+
+    def head_loss(self, seq, pooled, mlm_labels=None, binary_labels=None,
+                  max_predictions: int | None = None) -> PreTrainingOutput:
+        """The two heads on the encoder output and their losses (means, with the sums and counts).
+
+        Only the predicted positions go through the LM head (d x vocab per token is BERT's largest
+        matmul). With ``max_predictions`` (the sampler predicts at most that many tokens per
+        sequence) each sequence's predicted positions are gathered into that many slots, spare slots
+        carrying label -100: static shapes and no host sync (training, torch.compile, CUDA graphs).
+        Without it the positions are found with a boolean gather, whose size is data dependent (the
+        one host sync). Both give the same loss, summed in the same order."""
+        out = PreTrainingOutput()
         decoder = self.bert.embeddings.word_embeddings.weight
-        seq = enc.last_hidden_state
-        losses = []
         if mlm_labels is None:
             out.mlm_logits = self.lm_head(seq, decoder)
         else:
-            # Only the masked positions go through the LM head (d x vocab per token is the largest
-            # matmul of BERT). The boolean gather is the one host sync (its size is data dependent).
-            selected = mlm_labels.reshape(-1) != IGNORE_INDEX
-            index = selected.nonzero().squeeze(1)
+            index = _predicted_positions(mlm_labels, max_predictions,
+                                         seq.dtype if seq.is_floating_point() else torch.float32)
             labels = mlm_labels.reshape(-1).index_select(0, index)
             logits = self.lm_head(seq.reshape(-1, seq.shape[-1]).index_select(0, index), decoder)
-            count = selected.sum()
-            total = F.cross_entropy(logits.float(), labels, reduction="sum")
-            out.mlm_loss = total / count.clamp(min=1)
-            out.mlm_logits, out.mlm_count = logits, count
-            out.mlm_correct = (logits.argmax(-1) == labels).sum()
-            losses.append(out.mlm_loss)
-        out.binary_logits = self.binary_head(enc.pooled_output)
+            valid = labels != IGNORE_INDEX
+            out.mlm_loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+            out.mlm_count = valid.sum()
+            out.mlm_loss = out.mlm_loss_sum / out.mlm_count.clamp(min=1)
+            out.mlm_logits = logits
+            out.mlm_correct = ((logits.argmax(-1) == labels) & valid).sum()
+        out.binary_logits = self.binary_head(pooled)
         if binary_labels is not None:
             valid = binary_labels != IGNORE_INDEX
-            count = valid.sum()
-            total = F.cross_entropy(out.binary_logits.float(), binary_labels,
-                                    ignore_index=IGNORE_INDEX, reduction="sum")
-            out.binary_loss = total / count.clamp(min=1)
-            out.binary_count = count
+            out.binary_loss_sum = F.cross_entropy(out.binary_logits.float(), binary_labels,
+                                                  ignore_index=IGNORE_INDEX, reduction="sum")
+            out.binary_count = valid.sum()
+            out.binary_loss = out.binary_loss_sum / out.binary_count.clamp(min=1)
             out.binary_correct = ((out.binary_logits.argmax(-1) == binary_labels) & valid).sum()
-            losses.append(out.binary_loss)
+        losses = [x for x in (out.mlm_loss, out.binary_loss) if x is not None]
         if losses:
             out.loss = losses[0] if len(losses) == 1 else losses[0] + losses[1]
         return out

@@ -14,12 +14,10 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dslm.errors import UsageError
 from dslm.model import BertConfig, BertForPreTraining
-from dslm.model.bert import IGNORE_INDEX
 from dslm.model.flags import add_model_arguments, config_from_args
 from dslm.runtime import is_main_process, resolve_device
 from dslm.train.engine import NonFiniteLoss, add_train_arguments, train, train_config_from_args
@@ -54,48 +52,14 @@ def bert_flops_per_token(config: BertConfig, seq_len: int, lm_fraction: float = 
     return 3.0 * (n * (8 * d * d + 4 * d * df + 4 * seq_len * d) + lm_fraction * (2 * d * d + 2 * d * v))
 
 
-class PretrainingObjective(nn.Module):
-    """The parameters of a :class:`BertForPreTraining` (same names, same tensors) with a loss that never
-    syncs with the host: each sequence's predicted positions are gathered into a fixed number
-    ``max_predictions`` of slots (the sampler predicts at most round(0.15 L) tokens per sequence;
-    spare slots carry label -100), so shapes are static (torch.compile, no ``nonzero``). Returns
-    ``(loss, metric sums)``; ``save_pretrained`` writes the plain ``BertForPreTraining``."""
-
-    def __init__(self, model: BertForPreTraining, max_predictions: int):
-        super().__init__()
-        self.bert, self.lm_head, self.binary_head = model.bert, model.lm_head, model.binary_head
-        self.config = model.config
-        self.max_predictions = max_predictions
-        object.__setattr__(self, "pretrained", model)  # not a child: no duplicate parameter names
-        self.head_loss = self._head_loss
-
-    def save_pretrained(self, directory, state: dict | None = None):
-        return self.pretrained.save_pretrained(directory, state)
-
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None, mlm_labels=None, binary_labels=None):
-        enc = self.bert(input_ids, token_type_ids, attention_mask)
-        return self.head_loss(enc.last_hidden_state, enc.pooled_output, mlm_labels, binary_labels)
-
-    def _head_loss(self, seq, pooled, mlm_labels, binary_labels):
-        b, length, d = seq.shape
-        n = min(self.max_predictions, length)
-        predicted = mlm_labels != IGNORE_INDEX
-        slots = predicted.to(seq.dtype if seq.is_floating_point() else torch.float32).topk(n, dim=1, sorted=False).indices
-        labels = mlm_labels.gather(1, slots).reshape(-1)
-        h = seq.gather(1, slots.unsqueeze(-1).expand(b, n, d)).reshape(b * n, d)
-        logits = self.lm_head(h, self.bert.embeddings.word_embeddings.weight)
-        valid = labels != IGNORE_INDEX
-        mlm_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        mlm_count = valid.sum()
-        mlm_correct = ((logits.argmax(-1) == labels) & valid).sum()
-        blogits = self.binary_head(pooled)
-        bvalid = binary_labels != IGNORE_INDEX
-        bin_sum = F.cross_entropy(blogits.float(), binary_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        bin_count = bvalid.sum()
-        bin_correct = ((blogits.argmax(-1) == binary_labels) & bvalid).sum()
-        loss = mlm_sum / mlm_count.clamp(min=1) + bin_sum / bin_count.clamp(min=1)
-        return loss, {"mlm_loss_sum": mlm_sum, "mlm_count": mlm_count, "mlm_correct": mlm_correct,
-                      "binary_loss_sum": bin_sum, "binary_count": bin_count, "binary_correct": bin_correct}
+def pretraining_loss_and_metrics(model, batch: dict, max_predictions: int):
+    """The training loss of a :class:`BertForPreTraining` (MLM + binary head, static prediction
+    slots: no host sync) and the metric sums the engine accumulates."""
+    out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["mlm_labels"],
+                batch["binary_labels"], max_predictions=max_predictions)
+    return out.loss, {"mlm_loss_sum": out.mlm_loss_sum, "mlm_count": out.mlm_count, "mlm_correct": out.mlm_correct,
+                      "binary_loss_sum": out.binary_loss_sum, "binary_count": out.binary_count,
+                      "binary_correct": out.binary_correct}
 
 
 def summarize_pretraining(sums: dict) -> dict:
@@ -122,7 +86,7 @@ class PretrainTask:
                  r0_auto: bool = False, pin_memory: bool | None = None, grad_profile: bool = False):
         self.data_dir, self.config, self.seq_len, self.seed = Path(data_dir), config, seq_len, seed
         self.num_workers, self.r0_auto, self.grad_profile = num_workers, r0_auto, grad_profile
-        self.model: PretrainingObjective | None = None   # the model build_model made (trained in place)
+        self.model: BertForPreTraining | None = None   # the model build_model made (trained in place)
         self.profiles: dict[str, dict] = {}
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.tokens_per_item = seq_len
@@ -154,8 +118,8 @@ class PretrainTask:
         model = BertForPreTraining(self.config)
         if self.grad_profile and is_main_process():
             self.profiles["init"] = self.signal_profile(model)
-        self.model = PretrainingObjective(model, self.max_predictions)
-        return self.model
+        self.model = model
+        return model
 
     def signal_profile(self, model: BertForPreTraining, sequences: int = 32) -> dict:
         """Per-layer gradient norms (each weight matrix and all six together), forward variance and
@@ -192,8 +156,7 @@ class PretrainTask:
         return {split: FrozenEvalSet(self.data_dir, split, self.seq_len) for split in ("valid", "test")}
 
     def loss_and_metrics(self, model, batch):
-        return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                     batch["mlm_labels"], batch["binary_labels"])
+        return pretraining_loss_and_metrics(model, batch, self.max_predictions)
 
     def summarize(self, sums):
         return summarize_pretraining(sums)
@@ -219,7 +182,7 @@ class PretrainTask:
             return
         for layer in model.bert.layers:
             layer.compile()
-        model.head_loss = torch.compile(model._head_loss)
+        model.head_loss = torch.compile(model.head_loss)
 
 
 # ---- the `dslm pretrain` command ---------------------------------------------------------------
@@ -287,7 +250,7 @@ def run(args) -> int:
         print(f"dslm pretrain: {e}", flush=True)
         return 1
     if task.grad_profile and not result.get("stopped"):
-        task.profiles["final"] = task.signal_profile(task.model.pretrained)
+        task.profiles["final"] = task.signal_profile(task.model)
         result["grad_profile"] = task.profiles
     if is_main_process():
         path = Path(cfg.out_dir) / "final_metrics.json"
