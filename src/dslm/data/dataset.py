@@ -1,6 +1,7 @@
 """``PretrainingDataset``: BERT pretraining samples of one split of a prepared dataset directory.
 
-It checks the directory (manifest version, file sizes, token-store header, vocabulary), cuts the
+It checks the directory (manifest version, file sizes, token-store header, vocabulary, and the
+SHA-256 of every file on first use: :func:`dslm.data.manifest.verify_files`), cuts the
 split's documents into chunks (:func:`dslm.data.samples.build_chunks`) and builds samples on
 demand. ``len(ds)`` is the number of chunks, i.e. samples per epoch; an index past it continues into
 later epochs (another order, other segment cuts and masks), so a run of any length indexes the
@@ -13,15 +14,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dslm.data.manifest import check_files, read_manifest
+from dslm.data.manifest import check_files, read_manifest, verify_files
 from dslm.data.samples import SampleBuilder, SampleConfig, build_chunks
 from dslm.data.split import SPLITS, split_documents
-from dslm.data.store import TokenStore
+from dslm.data.store import BIN_FILE, TokenStore
 from dslm.data.vocab import VOCAB_FILE, SpecialIds, read_vocab
 from dslm.errors import UsageError
 
 _SPLIT_STREAM = {name: k for k, name in enumerate(SPLITS)}
 CHUNKING_STREAM = 0x63686B   # domain tag: the chunking draws never share a stream with the epoch orders
+
+
+def check_token_ids(store: TokenStore, vocab_size: int, chunk: int = 1 << 24) -> None:
+    """Every token id of ``store`` is below ``vocab_size`` (read in chunks of the memory map)."""
+    tokens = store.tokens
+    for start in range(0, len(tokens), chunk):
+        top = int(tokens[start:start + chunk].max())
+        if top >= vocab_size:
+            raise UsageError(f"{store.directory / BIN_FILE}: token id {top} outside the {vocab_size}-token "
+                             "vocabulary (corrupt); re-run 'dslm prepare-data --force'")
 
 
 class PretrainingDataset(torch.utils.data.Dataset):
@@ -50,6 +61,8 @@ class PretrainingDataset(torch.utils.data.Dataset):
         counts = self.manifest["counts"]
         if (store.n_docs, store.n_sentences, store.n_tokens) != (counts["documents"], counts["sentences"], counts["tokens"]):
             raise UsageError(f"{self.data_dir}: token store and manifest disagree on the counts (corrupt)")
+        if BIN_FILE in verify_files(self.data_dir, self.manifest):
+            check_token_ids(store, len(self.vocab))
         self.config = SampleConfig(seq_len, short_seq_prob, mask_prob, max_ngram)
         docs = split_documents(store.n_docs, tuple(self.manifest["split"]["weights"]))[split]
         offsets = store.sent_offsets.view(np.ndarray)

@@ -4,16 +4,22 @@ It records what was asked for (``request``: source, vocabulary, split, so a reru
 the directory already holds it), what came out (``counts``, per-split document counts, token dtype)
 and the size and SHA-256 of every file. Its presence is what makes a directory complete: it is
 written through a temporary file and a rename after everything else is in place.
+
+:func:`verify_files` checks every listed file against its recorded SHA-256 the first time a dataset
+is loaded and then writes ``.verified`` (each file's digest, size, mtime and inode), so later loads
+only compare ``stat`` results; a file changed since then is hashed again.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from dslm.data.files import sha256_file
 from dslm.errors import UsageError
 
 MANIFEST_FILE = "dataset.json"
+VERIFIED_FILE = ".verified"
 FORMAT = "dslm-pretraining-dataset"
 MANIFEST_VERSION = 1
 _REQUIRED = ("request", "counts", "split", "files", "token_dtype", "vocab_size")
@@ -51,3 +57,46 @@ def check_files(data_dir: str | Path, manifest: dict, checksums: bool = False) -
                              "(truncated or replaced)")
         if checksums and sha256_file(path) != info["sha256"]:
             raise UsageError(f"{path}: SHA-256 differs from {MANIFEST_FILE} (corrupt or replaced)")
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def verify_files(data_dir: str | Path, manifest: dict) -> list[str]:
+    """Check every file the manifest lists against its recorded SHA-256, skipping those unchanged
+    (same size, mtime and inode) since a check recorded in ``.verified``; a mismatch is a one-line
+    :class:`UsageError` naming the file. Sizes are checked first (:func:`check_files`). The record
+    is best effort: a read-only dataset is verified on every load. Returns the names hashed now."""
+    data_dir = Path(data_dir)
+    check_files(data_dir, manifest)
+    stamp_path = data_dir / VERIFIED_FILE
+    try:
+        stamp = json.loads(stamp_path.read_text(encoding="utf-8"))
+        if not isinstance(stamp, dict):
+            stamp = {}
+    except (OSError, ValueError):
+        stamp = {}
+    fresh, hashed = {}, []
+    for name, info in manifest["files"].items():
+        path = data_dir / name
+        key = _stat_key(path)
+        seen = stamp.get(name)
+        if not (isinstance(seen, dict) and seen.get("sha256") == info["sha256"] and seen.get("stat") == key):
+            if sha256_file(path) != info["sha256"]:
+                raise UsageError(f"{path}: SHA-256 differs from {MANIFEST_FILE} (corrupt or replaced); "
+                                 "re-run 'dslm prepare-data --force'")
+            hashed.append(name)
+        fresh[name] = {"sha256": info["sha256"], "stat": key}
+    if hashed or stamp != fresh:
+        tmp = data_dir / f"{VERIFIED_FILE}.{os.getpid()}.tmp"
+        try:
+            tmp.write_text(json.dumps(fresh, indent=1) + "\n", encoding="utf-8")
+            os.replace(tmp, stamp_path)
+        except OSError:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+    return hashed

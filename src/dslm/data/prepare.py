@@ -11,9 +11,14 @@ Stages, each leaving either a complete file or nothing (temporary file + rename)
    does not grow with the corpus), then appended to the store in order;
 4. ``dataset.json`` last: a directory without it is incomplete, and a rerun starts it over.
 
+Stages 2-4 are built in ``.staging/`` inside the directory and moved into place only when all of
+them are complete, so bad input (an empty or unreadable corpus, a bad vocabulary) leaves a dataset
+already there untouched, also with ``force``. The move takes the old manifest away first and puts
+the new one in last: a crash during it leaves a directory that a rerun recognises as incomplete.
+
 A rerun on a complete directory prepared with the same request does nothing. A lock file keeps two
 processes (for example two figure jobs calling :func:`ensure_embedded_dataset`) from preparing the
-same directory at once. On any error the stage files are removed again (and the directory, if this
+same directory at once. On any error the staging folder is removed again (and the directory, if this
 call created it and it is empty).
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ import fcntl
 import itertools
 import multiprocessing
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +40,7 @@ from tqdm import tqdm
 
 from dslm import __version__
 from dslm.data.files import copy_atomic, sha256_file, write_json_atomic
-from dslm.data.manifest import FORMAT, MANIFEST_FILE, MANIFEST_VERSION, check_files, read_manifest
+from dslm.data.manifest import FORMAT, MANIFEST_FILE, MANIFEST_VERSION, VERIFIED_FILE, check_files, read_manifest
 from dslm.data.packages import (DEFAULT_PACKAGE_CACHE, PACKAGE_CORPUS, PACKAGE_SOURCES, export_packages,
                                 exported_records, locate_debs)
 from dslm.data.sentences import split_sentences
@@ -42,7 +48,8 @@ from dslm.data.sources import (EMBEDDED_VOCAB, DocumentReader, SkipLog, Source, 
                                hf_records, resolve_source, tfds_records)
 from dslm.data.split import DEFAULT_SPLIT, SPLITS, split_counts, split_documents
 from dslm.data.store import BIN_FILE, IDX_FILE, TokenStore, TokenStoreWriter, token_dtype
-from dslm.data.vocab import SPECIAL_TOKENS, VOCAB_FILE, SpecialIds, Tokenizer, read_vocab, train_vocab, write_vocab
+from dslm.data.vocab import (SPECIAL_TOKENS, VOCAB_FILE, SpecialIds, Tokenizer, read_vocab, require_tokenizers,
+                              train_vocab, write_vocab)
 from dslm.errors import UsageError
 
 REMOTE_CORPUS = "corpus.jsonl"
@@ -50,6 +57,7 @@ DEFAULT_VOCAB_SIZE = 30522
 _STAGE_FILES = (VOCAB_FILE, BIN_FILE, IDX_FILE, MANIFEST_FILE)
 _TASK_CHARS = 1 << 18
 _LOCK_FILE = ".lock"
+_STAGING = ".staging"
 
 
 def prepare_dataset(out_dir: str | Path, source: str | Sequence[str] = "embedded", vocab: str | Path | None = None,
@@ -68,8 +76,10 @@ def prepare_dataset(out_dir: str | Path, source: str | Sequence[str] = "embedded
     shipped with it unless ``vocab_size`` is given (so its dataset is the same on every machine).
     ``split``: document weights train/valid/test. ``workers``: tokenizer processes (default: one per
     CPU; 0 tokenizes in this process). ``strict``: stop at the first bad line instead of skipping
-    it. ``force``: redo a directory that is complete or incompatible.
-    Prints a summary; bad input raises :class:`UsageError` and leaves no output behind."""
+    it. ``force``: redo a directory that is complete or incompatible (the dataset there is replaced
+    only once the new one is complete).
+    Prints a summary; bad input raises :class:`UsageError` and leaves no output behind (and an
+    earlier dataset in ``out_dir`` as it was)."""
     out = Path(out_dir)
     src = resolve_source(source)
     check_remote_available(src)
@@ -95,14 +105,17 @@ def prepare_dataset(out_dir: str | Path, source: str | Sequence[str] = "embedded
             print(f"{out}: already prepared ({done['counts']['documents']:,} documents, "
                   f"{done['counts']['tokens']:,} tokens); nothing to do")
             return done
+        stage = out / _STAGING
         try:
-            _remove_stage_files(out)
-            return _prepare(out, src, request, vocab, given_vocab, split, workers, strict, progress,
-                            tfds_data_dir, packages, force)
-        except BaseException:
-            _remove_stage_files(out)
-            raise
+            require_tokenizers()   # here, not only in the workers (a pool restarts a worker that fails to start)
+            _remove_staging(out)
+            stage.mkdir()
+            manifest = _prepare(out, stage, src, request, vocab, given_vocab, split, workers, strict, progress,
+                                tfds_data_dir, packages, force)
+            _publish(stage, out)
+            return manifest
         finally:
+            _remove_staging(out)
             if created and not (out / MANIFEST_FILE).exists():
                 (out / _LOCK_FILE).unlink(missing_ok=True)
                 if not any(out.iterdir()):
@@ -144,16 +157,45 @@ def _finished(out: Path, request: dict, force: bool) -> dict | None:
     return manifest
 
 
-def _remove_stage_files(out: Path) -> None:
-    for name in _STAGE_FILES:
-        (out / name).unlink(missing_ok=True)
+def _remove_staging(out: Path) -> None:
+    """Delete the staging folder and temporary files a failed or interrupted run left in ``out``."""
+    shutil.rmtree(out / _STAGING, ignore_errors=True)
     for tmp in out.glob("*.tmp"):
-        tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
-def _prepare(out: Path, src: Source, request: dict, vocab: str | Path | None, given_vocab: list[str] | None,
-             split: tuple[int, int, int], workers: int | None, strict: bool, progress: bool,
-             tfds_data_dir: str | None, packages: tuple[Path, tuple], force: bool) -> dict:
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the complete stage files from ``stage`` into ``out``: the old manifest goes first (from
+    then on the directory reads as incomplete), the new manifest last."""
+    for name in _STAGE_FILES:
+        _fsync(stage / name)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
+    (out / VERIFIED_FILE).unlink(missing_ok=True)
+    _fsync(out)
+    for name in _STAGE_FILES:
+        if name != MANIFEST_FILE:
+            os.replace(stage / name, out / name)
+    _fsync(out)
+    os.replace(stage / MANIFEST_FILE, out / MANIFEST_FILE)
+    _fsync(out)
+
+
+def _prepare(out: Path, stage: Path, src: Source, request: dict, vocab: str | Path | None,
+             given_vocab: list[str] | None, split: tuple[int, int, int], workers: int | None, strict: bool,
+             progress: bool, tfds_data_dir: str | None, packages: tuple[Path, tuple], force: bool) -> dict:
     started = time.perf_counter()
     skips = SkipLog(strict)
     package_records = None
@@ -163,14 +205,14 @@ def _prepare(out: Path, src: Source, request: dict, vocab: str | Path | None, gi
     else:
         files = src.files or (_export_remote(out, src, skips, progress, tfds_data_dir),)
     if given_vocab is not None:
-        copy_atomic(Path(vocab), out / VOCAB_FILE)
+        copy_atomic(Path(vocab), stage / VOCAB_FILE)
         tokens = given_vocab
     else:
         tokens = _train(files, request["vocab"]["trained_size"], strict, progress)
-        write_vocab(tokens, out / VOCAB_FILE)
+        write_vocab(tokens, stage / VOCAB_FILE)
     tokenize_started = time.perf_counter()
     reader = DocumentReader(files, skips)
-    writer = TokenStoreWriter(out, token_dtype(len(tokens)))
+    writer = TokenStoreWriter(stage, token_dtype(len(tokens)))
     try:
         _tokenize(reader, tokens, writer, workers, progress, sum(_plain_size(f) for f in files))
         if writer.n_docs == 0:
@@ -181,9 +223,9 @@ def _prepare(out: Path, src: Source, request: dict, vocab: str | Path | None, gi
         writer.abort()
         raise
     seconds = time.perf_counter() - started
-    manifest = _manifest(out, src, files, request, vocab, tokens, writer, split, skips, reader.bytes_read,
+    manifest = _manifest(stage, src, files, request, vocab, tokens, writer, split, skips, reader.bytes_read,
                          package_records)
-    write_json_atomic(out / MANIFEST_FILE, manifest)
+    write_json_atomic(stage / MANIFEST_FILE, manifest)
     _print_summary(out, manifest, skips, reader.bytes_read, seconds, time.perf_counter() - tokenize_started)
     return manifest
 
@@ -225,14 +267,22 @@ def _train(files, vocab_size: int, strict: bool, progress: bool) -> list[str]:
 # --- tokenizing pass -------------------------------------------------------------------------------
 
 _worker_tokenizer: Tokenizer | None = None
+_worker_error: BaseException | None = None
 
 
 def _init_worker(tokens: list[str]) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(tokens)
+    """Set up a worker; a failure is kept and raised by its first task (a pool whose initializer
+    raises would restart the worker forever)."""
+    global _worker_tokenizer, _worker_error
+    try:
+        _worker_tokenizer = Tokenizer(tokens)
+    except Exception as e:  # noqa: BLE001 - re-raised in the parent by the first task
+        _worker_error = e
 
 
 def _encode_task(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if _worker_error is not None:
+        raise _worker_error
     return encode_documents(texts, _worker_tokenizer)
 
 

@@ -69,6 +69,12 @@ class SpecialIds:
         return cls(index[PAD], index[UNK], index[CLS], index[SEP], index[MASK])
 
 
+def require_tokenizers() -> None:
+    """Raise the one-line :class:`UsageError` naming the ``data`` extra when ``tokenizers`` is not
+    installed (call it before starting processes that would need it)."""
+    _tokenizers()
+
+
 def _tokenizers():
     try:
         import tokenizers
