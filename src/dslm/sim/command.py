@@ -46,6 +46,26 @@ def _selected(names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _check_output(out: Path) -> Path:
+    """Before the run: ``out`` can be written (not a folder; its folder exists or can be made, and
+    a file can be created there), so a finished run never loses its results."""
+    if out.is_dir():
+        raise UsageError(f"--json {out}: is a directory; give a file name")
+    if out.name in ("", ".", ".."):
+        raise UsageError(f"--json {out}: not a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--json {out}: cannot create its folder {out.parent} ({e.strerror or e})") from None
+    probe = out.with_name(out.name + ".tmp")
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--json {out}: cannot write there ({e.strerror or e})") from None
+    return out
+
+
 def run(args) -> int:
     names = _selected(args.component)
     if args.grid in GRIDS:
@@ -58,6 +78,7 @@ def run(args) -> int:
     grids = {name: resolve_grid(COMPONENTS[name], spec) for name, spec in specs.items()}
     if args.budget_gb is not None and args.budget_gb <= 0:
         raise UsageError("--budget-gb must be > 0")
+    out = _check_output(Path(args.json)) if args.json else None
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     fused = resolve_fused(args.fused, device)
@@ -76,14 +97,16 @@ def run(args) -> int:
         print(format_report(results[name]), flush=True)
     total = time.perf_counter() - start
     print(f"total: {sum(r['configs'] for r in results.values())} configs in {total:.1f} s")
-    if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         record = {"grid": args.grid, "device": str(device), "precision": precision, "fused": fused,
                   "seed": args.seed,
                   "total_seconds": total, "startup_seconds": startup, "components": results}
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, out)
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, out)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UsageError(f"--json {out}: cannot write ({e.strerror or e})") from None
         print(f"wrote {out}")
     return 0
