@@ -22,6 +22,7 @@ into a one-line :class:`~dslm.errors.UsageError`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -242,8 +243,13 @@ def _torch_load(path: Path):
     """``torch.load`` of a checkpoint's trainer / RNG file, weights only: tensors and plain
     containers (and numpy arrays) load, any other object in the pickle is refused before it is
     created."""
+    if hasattr(torch.serialization, "safe_globals"):
+        allow = torch.serialization.safe_globals(_numpy_array_globals())
+    else:   # torch 2.4: no context manager
+        torch.serialization.add_safe_globals(_numpy_array_globals())
+        allow = contextlib.nullcontext()
     try:
-        with torch.serialization.safe_globals(_numpy_array_globals()):
+        with allow:
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UsageError(f"--load {path}: file missing (incomplete checkpoint)") from None
