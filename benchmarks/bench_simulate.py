@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 import dslm.sim.components as comps
-from dslm.sim.runner import (AXIS_KINDS, FUSED_MODES, resolve_device, resolve_fused, resolve_grid,
-                             run_component, warm_up)
+from dslm.runtime import resolve_device
+from dslm.sim.runner import AXIS_KINDS, FUSED_MODES, resolve_fused, resolve_grid, run_component, warm_up
 
 PRECISION_SUBSET = {
     "linear": {"d_in": [316], "d_out": [316, 1000], "L": [100]},

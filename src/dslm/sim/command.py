@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 from dslm.errors import UsageError
+from dslm.runtime import resolve_device
 from dslm.sim.components import COMPONENTS
-from dslm.sim.runner import (FUSED_MODES, GRIDS, PRECISIONS, format_report, load_grid_file,
-                             resolve_device, resolve_fused, resolve_grid, resolve_precision,
-                             run_component, warm_up)
+from dslm.sim.runner import (FUSED_MODES, GRIDS, PRECISIONS, format_report, load_grid_file, resolve_fused,
+                             resolve_grid, resolve_precision, run_component, warm_up)
 
 def add_arguments(p):
     p.add_argument("--component", nargs="+", default=["all"], metavar="NAME",

@@ -17,7 +17,6 @@ import torch
 from tqdm.auto import tqdm
 
 from dslm.errors import UsageError
-from dslm.runtime import resolve_device  # noqa: F401 (the simulation command resolves through here)
 from dslm.sim.components import COMPONENTS, Component
 from dslm.sim.estimators import percentiles, relative_error
 
