@@ -272,9 +272,10 @@ def test_pretraining_eval_reads_every_sample_once(data):
     assert len(list(task.make_loader(valid, batch, 0, 1, 0, 2, False))) == 2
 
 
-def test_sigterm_writes_a_checkpoint_exits_0_and_resumes(data, tmp_path):
+def test_sigterm_writes_a_checkpoint_exits_143_and_resumes(data, tmp_path):
     """A SIGTERM mid-run (as torchrun or a scheduler sends it) finishes the step, writes a checkpoint
-    and exits 0; --load continues from that step."""
+    and exits 128 + 15 (checkpointed, not finished: a && chain stops); --load continues from that
+    step, and a planned --stop-at exits 0."""
     import os
     import signal
     import subprocess
@@ -296,7 +297,7 @@ def test_sigterm_writes_a_checkpoint_exits_0_and_resumes(data, tmp_path):
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 0, stderr[-2000:]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "SIGTERM" in stdout
     step = max(r["step"] for r in read_metrics(out, "train"))
     assert ckpt_io.step_dirs(out / "checkpoints")[-1].name == f"step_{step:08d}"
@@ -365,3 +366,13 @@ def test_clipping_folded_into_fused_adamw_equals_clip_then_step(scale):
     clip_grad_norm(list(model.parameters()), 1.0, opt)
     assert getattr(opt, "grad_scale", None) is None
     assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])) == pytest.approx(1.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("field, value, flag", [("keep_last", 0, "--keep-last 0"), ("eval_batch", 0, "--eval-batch 0"),
+                                                ("stop_at", 0, "--stop-at 0"), ("save_every", -1, "--save-every -1")])
+def test_flags_that_would_lose_work_or_mean_nothing_are_refused(tmp_path, field, value, flag):
+    from dslm.train.engine import validate
+
+    with pytest.raises(UsageError, match=f"^{flag}: must be"):
+        validate(cfg(tmp_path, **{field: value}))
+    validate(cfg(tmp_path, **{field: 1}))

@@ -166,7 +166,7 @@ def run(args) -> int:
     from dslm.finetune.heads import load_encoder, resolve_checkpoint
     from dslm.finetune.tasks import DEMO_DATA, SPECS, FinetuneTask, predict, write_predictions
     from dslm.model import BertModel
-    from dslm.train.engine import NonFiniteLoss, train, train_config_from_args
+    from dslm.train.engine import NonFiniteLoss, exit_status, train, train_config_from_args
 
     args = resolve_defaults(args)
     spec = SPECS[args.task]
@@ -221,7 +221,7 @@ def run(args) -> int:
         print(f"dslm finetune: {e}", flush=True)
         return 1
     if not is_main_process():
-        return 0
+        return exit_status(result)
     out = Path(cfg.out_dir)
     predictions = {}
     if not result.get("stopped"):
@@ -243,7 +243,7 @@ def run(args) -> int:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "loss")
         print(f"{split}: {shown}")
     print(f"final metrics: {path}", flush=True)
-    return 0
+    return exit_status(result)
 
 
 def _final_model(task, result):

@@ -237,6 +237,9 @@ def run(args) -> int:
                 rc = subprocess.call(cmd)
                 if rc == 2:  # a usage error repeats for every run: stop at the first
                     raise UsageError(f"run {run_dir.name} rejected its flags (see above); sweep stopped")
+                if rc > 128:  # stopped by a signal with a checkpoint: the sweep stops too, resumable
+                    raise UsageError(f"run {run_dir.name} stopped by signal {rc - 128} (checkpointed); run the "
+                                     "same sweep again to resume")
                 if rc != 0:
                     failed.append(run_dir.name)
                     print(f"[{k}/{total}] {run_dir.name}: failed (exit {rc})", flush=True)

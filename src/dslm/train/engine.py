@@ -172,6 +172,16 @@ def train_config_from_args(args) -> TrainConfig:
     return cfg
 
 
+def exit_status(result: dict) -> int:
+    """The process exit status of a finished ``train`` result: 128 + the signal's number when a
+    signal stopped it (the run is checkpointed, not finished: a ``&&`` chain must not go on), else 0
+    (``--stop-at`` is a planned stop)."""
+    stopped = result.get("stopped")
+    if isinstance(stopped, str) and stopped.startswith("SIG"):
+        return 128 + int(signal.Signals[stopped])
+    return 0
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise a one-line UsageError naming the flag of an impossible value."""
     def bad(flag, msg):
@@ -195,12 +205,14 @@ def validate(cfg: TrainConfig) -> None:
         bad("weight-decay", f"{cfg.weight_decay}: must be >= 0")
     if cfg.precision not in PRECISIONS:
         bad("precision", f"{cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
-    for name in ("eval_every", "save_every", "keep_last", "num_workers"):
+    for name in ("eval_every", "save_every", "num_workers"):
         if getattr(cfg, name) < 0:
             bad(name.replace("_", "-"), f"{getattr(cfg, name)}: must be >= 0")
-    for name in ("log_every", "max_bad_steps"):
-        if getattr(cfg, name) < 1:
-            bad(name.replace("_", "-"), f"{getattr(cfg, name)}: must be >= 1")
+    # keep_last 0 would delete every checkpoint it writes; eval_batch 0 and stop_at 0 mean nothing
+    for name in ("log_every", "max_bad_steps", "keep_last", "eval_batch", "stop_at"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            bad(name.replace("_", "-"), f"{value}: must be >= 1")
     if cfg.eval_iters is not None and cfg.eval_iters < 1:
         bad("eval-iters", f"{cfg.eval_iters}: must be >= 1 or 'all'")
     if cfg.device not in ("auto", "cpu", "cuda"):

@@ -20,7 +20,7 @@ from dslm.errors import UsageError
 from dslm.model import BertConfig, BertForPreTraining
 from dslm.model.flags import add_model_arguments, config_from_args
 from dslm.runtime import is_main_process, resolve_device
-from dslm.train.engine import NonFiniteLoss, add_train_arguments, train, train_config_from_args
+from dslm.train.engine import NonFiniteLoss, add_train_arguments, exit_status, train, train_config_from_args
 
 DEFAULT_DATA = "outputs/data/embedded"
 
@@ -256,7 +256,7 @@ def run(args) -> int:
         path = Path(cfg.out_dir) / "final_metrics.json"
         path.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"final metrics: {path}")
-    return 0
+    return exit_status(result)
 
 
 
