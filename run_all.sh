@@ -36,6 +36,6 @@ python -m dslm pretrain --preset tiny --data "$out/data/embedded" --out-dir "$ou
 # pretrained path (the run directory carries its vocab.txt).
 step "finetuning demo (shipped MNLI-format pairs, fresh tiny model)"
 python -m dslm finetune --task demo --device cpu --no-progress --out-dir "$out/finetune_demo" \
-    --cache-dir "$out/finetune_cache"
+    --cache-dir "$out/finetune_cache" --overwrite
 
 printf '\nall done; outputs in %s/\n' "$out"

@@ -376,3 +376,20 @@ def test_flags_that_would_lose_work_or_mean_nothing_are_refused(tmp_path, field,
     with pytest.raises(UsageError, match=f"^{flag}: must be"):
         validate(cfg(tmp_path, **{field: value}))
     validate(cfg(tmp_path, **{field: 1}))
+
+
+def test_a_fresh_run_does_not_take_over_another_runs_folder(tmp_path):
+    """Without --load, an --out-dir that holds a run is refused (its checkpoints and metrics stay as
+    they were); --overwrite replaces it."""
+    from dslm.train.engine import claim_run_dir
+
+    run = tmp_path / "run"
+    claim_run_dir(run, overwrite=False)            # nothing there: fine
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 10}\n')
+    (run / "vocab.txt").write_text("[PAD]\n")
+    with pytest.raises(UsageError, match=r"already holds a run \(checkpoints, metrics.jsonl\); resume it with --load"):
+        claim_run_dir(run, overwrite=False)
+    assert (run / "checkpoints" / "step_00000010").is_dir() and (run / "metrics.jsonl").is_file()
+    claim_run_dir(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["vocab.txt"]

@@ -90,6 +90,8 @@ def run_command(task: str, lr: float, seed: int, run_dir: Path, extra: list[str]
     cmd = launcher + ["finetune", "--task", task, "--lr", f"{lr:g}", "--seed", str(seed), "--out-dir", str(run_dir)]
     if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*")):
         cmd += ["--load", str(run_dir)]
+    elif run_dir.is_dir():   # a run that ended before its first checkpoint starts over
+        cmd += ["--overwrite"]
     return cmd + list(extra)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import shutil
 import signal
 import threading
 import time
@@ -44,7 +45,7 @@ from dslm.errors import UsageError
 from dslm.train import checkpoint as ckpt_io
 from dslm.train import distributed as D
 from dslm.train.loader import default_loader
-from dslm.train.logging import RunLogger
+from dslm.train.logging import METRICS_FILE, TB_DIR, RunLogger
 from dslm.train.graphs import GraphedStep
 from dslm.train.optim import build_optimizer, clip_grad_norm, skip_if_nonfinite
 from dslm.train.precision import PRECISIONS, autocast
@@ -74,6 +75,7 @@ class TrainConfig:
     save_every: int = 50000             # steps; 0 = only at the end
     keep_last: int = 2
     load: str | None = None
+    overwrite: bool = False             # replace a run already in out_dir (else that is an error)
     seed: int = 1234
     log_every: int = 10
     num_workers: int = 2
@@ -112,6 +114,9 @@ _HELP = {
     "save_every": "checkpoint every N steps (0: only at the end)",
     "keep_last": "checkpoints to keep",
     "load": "resume from a checkpoint (or the newest one in a run directory)",
+    "overwrite": "start afresh in an --out-dir that holds another run, deleting its checkpoints, metrics "
+                 "and TensorBoard logs (without it that is an error: resume it with --load or pick another "
+                 "--out-dir)",
     "seed": "random seed",
     "log_every": "log every N steps",
     "num_workers": "background data-loader processes per rank",
@@ -150,7 +155,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict | None =
             continue
         flag = "--" + f.name.replace("_", "-")
         default, help_text = base[f.name], _HELP[f.name]
-        if f.name in ("compile", "cuda_graphs", "fsdp", "progress", "save_final"):
+        if f.name in ("compile", "cuda_graphs", "fsdp", "progress", "save_final", "overwrite"):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif f.name == "precision":
             group.add_argument(flag, choices=PRECISIONS, default=default, help=help_text)
@@ -170,6 +175,28 @@ def train_config_from_args(args) -> TrainConfig:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
     validate(cfg)
     return cfg
+
+
+RUN_FILES = ("checkpoints", METRICS_FILE, TB_DIR, "final_metrics.json")
+
+
+def claim_run_dir(out_dir: Path, overwrite: bool) -> None:
+    """A fresh run owns ``out_dir``: one that already holds another run's checkpoints or metrics is
+    refused (a fresh run there would prune the old checkpoints by step number and mix the two
+    metric streams); with ``overwrite`` that run's files are deleted first. Rank 0 only (the other
+    ranks would see rank 0's first files)."""
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise UsageError(f"--out-dir {out_dir} already holds a run ({', '.join(found)}); resume it with --load "
+                         f"{out_dir}, choose another --out-dir, or pass --overwrite to replace it")
+    for name in found:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def exit_status(result: dict) -> int:
@@ -497,6 +524,7 @@ class Trainer:
         self._peak = peak_flops(self.device, cfg.precision, cfg.peak_tflops)
 
         self.step, self.skipped, self.consecutive = 0, 0, 0
+        self._owns_out_dir = False       # a fresh run claims out_dir before it writes there (load: it resumes)
         self.last_checkpoint = None
         self._rng = None                 # the checkpoint's RNG state, restored by train_batches
         self._log = None
@@ -537,7 +565,16 @@ class Trainer:
                              f"load that one, or write this run to another --out-dir")
         self.step, self._rng = start, state.get("rng")
         self.skipped, self.consecutive = counters.get("skipped", 0), counters.get("consecutive", 0)
+        self._owns_out_dir = True
         return start
+
+    def _claim_out_dir(self) -> None:
+        """Before the first write: a fresh run refuses (or, with ``overwrite``, clears) an ``out_dir``
+        that holds another run (:func:`claim_run_dir`); a loaded one continues its own."""
+        if not self._owns_out_dir:
+            if self.env.is_main:
+                claim_run_dir(self.out_dir, self.cfg.overwrite)
+            self._owns_out_dir = True
 
     @property
     def log(self) -> RunLogger:
@@ -545,6 +582,7 @@ class Trainer:
         opened on first use at the current step, so a resumed run drops the records its
         predecessor wrote after the checkpoint."""
         if self._log is None:
+            self._claim_out_dir()
             self._log = RunLogger(self.out_dir, self.env.is_main, self.total, self.step, progress=self.cfg.progress)
         return self._log
 
@@ -700,6 +738,7 @@ class Trainer:
         keeping the newest ``keep_last``. The pending non-finite flag is counted first, so the saved
         counters include the newest step. Returns the path on rank 0 (None on the others)."""
         step = self.step if step is None else step
+        self._claim_out_dir()
         pending = self._lagged.pop()
         if pending:
             self._account(pending)
@@ -720,6 +759,7 @@ class Trainer:
         on SIGTERM/SIGINT, at ``stop_at``, or after ``max_bad_steps`` non-finite steps in a row
         (then raises :class:`NonFiniteLoss`). Returns the final metrics (see :func:`train`)."""
         cfg = self.cfg
+        self._claim_out_dir()
         if self.env.is_main:
             n_params = sum(p.numel() for p in D.unwrap(self.model).parameters())
             self.log.print(f"{self.task.name}: {n_params / 1e6:.2f}M parameters, {self.world} x {self.device.type}, "
