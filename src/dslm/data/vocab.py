@@ -8,6 +8,7 @@ it is the ``data`` extra).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -84,13 +85,14 @@ def _tokenizers():
     return tokenizers
 
 
-def _bert_pipeline(model):
-    """A ``tokenizers.Tokenizer`` around ``model`` with BERT uncased normalization (lower case,
-    accents stripped, control characters removed, CJK characters split) and pre-tokenization."""
+def _bert_pipeline(model, lowercase: bool = True):
+    """A ``tokenizers.Tokenizer`` around ``model`` with BERT's normalization (control characters
+    removed, CJK characters split; uncased: lower case and accents stripped, as BERT's uncased
+    models; cased: the text as written) and pre-tokenization."""
     tk = _tokenizers()
     backend = tk.Tokenizer(model)
     backend.normalizer = tk.normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                       strip_accents=True, lowercase=True)
+                                                       strip_accents=lowercase, lowercase=lowercase)
     backend.pre_tokenizer = tk.pre_tokenizers.BertPreTokenizer()
     backend.decoder = tk.decoders.WordPiece(prefix="##")
     return backend
@@ -99,19 +101,23 @@ def _bert_pipeline(model):
 class Tokenizer:
     """BERT WordPiece tokenizer over one vocabulary: ``encode``/``encode_batch`` give token ids
     without special tokens (the sample builder adds [CLS]/[SEP]), ``decode`` joins word pieces.
-    ``backend`` is the underlying ``tokenizers.Tokenizer`` for anything else (pairs, offsets)."""
+    ``backend`` is the underlying ``tokenizers.Tokenizer`` for anything else (pairs, offsets).
+    ``lowercase``: uncased (BERT's default) or cased normalization."""
 
-    def __init__(self, tokens: list[str]):
+    def __init__(self, tokens: list[str], lowercase: bool = True):
         tk = _tokenizers()
-        self.tokens = tokens
+        self.tokens, self.lowercase = tokens, lowercase
         self.special = SpecialIds.of(tokens)
         model = tk.models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token=UNK,
                                     max_input_chars_per_word=100)
-        self.backend = _bert_pipeline(model)
+        self.backend = _bert_pipeline(model, lowercase)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
-        return cls(read_vocab(path))
+        """The tokenizer of a ``vocab.txt``; an HF model folder's ``tokenizer_config.json`` beside it
+        decides the casing (``do_lower_case``, default true), so a cased model stays cased."""
+        path = Path(path)
+        return cls(read_vocab(path), lowercase=_hf_lower_case(path.parent / "tokenizer_config.json"))
 
     @property
     def vocab_size(self) -> int:
@@ -128,6 +134,19 @@ class Tokenizer:
 
     def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
         return [self.tokens[int(i)] for i in ids]
+
+
+def _hf_lower_case(config_path: Path) -> bool:
+    """``do_lower_case`` of an HF ``tokenizer_config.json`` (true when the file or the key is absent)."""
+    if not config_path.is_file():
+        return True
+    try:
+        value = json.loads(config_path.read_text(encoding="utf-8")).get("do_lower_case", True)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise UsageError(f"{config_path}: not a readable tokenizer config ({e.__class__.__name__})") from None
+    if not isinstance(value, bool):
+        raise UsageError(f"{config_path}: do_lower_case is {value!r}, expected true or false")
+    return value
 
 
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:

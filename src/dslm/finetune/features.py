@@ -134,7 +134,9 @@ def encode_race(tokenizer, questions: list, max_len: int, qa_max_len: int = 128)
 
 
 def vocab_checksum(tokenizer) -> str:
-    return hashlib.sha256("\n".join(tokenizer.tokens).encode()).hexdigest()
+    """The vocabulary and its casing (a cased tokenizer encodes the same text differently)."""
+    cased = "" if getattr(tokenizer, "lowercase", True) else "\n#cased"
+    return hashlib.sha256(("\n".join(tokenizer.tokens) + cased).encode()).hexdigest()
 
 
 def cache_key(fingerprint: str, tokenizer, max_len: int, qa_max_len: int | None = None) -> str:
