@@ -27,3 +27,27 @@ def test_is_main_process(monkeypatch, rank, main):
     else:
         monkeypatch.setenv("RANK", rank)
     assert is_main_process() is main
+
+
+def test_a_missing_package_is_one_line_naming_the_extra(monkeypatch):
+    from dslm.runtime import require_package
+
+    require_package("torch", "train")
+    with pytest.raises(UsageError, match=r"^the 'no_such_pkg_x' package is needed here: pip install 'dslm\[train\]'"):
+        require_package("no_such_pkg_x", "train")
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_training_commands_check_safetensors_before_any_work(monkeypatch, tmp_path, command, capsys):
+    """Without safetensors the command stops before training (it used to crash after it)."""
+    import importlib.util
+
+    from dslm.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "safetensors" else real(name, *a))
+    argv = [command, "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    argv += ["--preset", "tiny"] if command == "pretrain" else ["--task", "demo"]
+    assert main(argv) == 2
+    assert "pip install 'dslm[train]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 writes (rank 0 of a torchrun job, or a plain process)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -25,3 +26,10 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
 def is_main_process() -> bool:
     """Rank 0 of a torchrun job, or a process started without one (RANK unset or empty)."""
     return os.environ.get("RANK", "0") in ("0", "")
+
+
+def require_package(module: str, extra: str) -> None:
+    """Stop with one line naming the extra to install when ``module`` is missing; called before a
+    job's work starts, so a missing package never costs a finished training run."""
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"the '{module}' package is needed here: pip install 'dslm[{extra}]' (or pip install {module})")

@@ -19,7 +19,7 @@ import numpy as np
 
 from dslm.errors import UsageError
 from dslm.model.flags import add_model_arguments, config_from_args
-from dslm.runtime import is_main_process, resolve_device
+from dslm.runtime import is_main_process, require_package, resolve_device
 
 COMMON = dict(lr=2e-5, weight_decay=0.01, clip=1.0, precision="bf16", eval_iters=None, save_every=0,
               keep_last=1, log_every=50, num_workers=1, max_len=512, dropout=0.1)
@@ -168,6 +168,7 @@ def run(args) -> int:
     from dslm.model import BertModel
     from dslm.train.engine import NonFiniteLoss, exit_status, train, train_config_from_args
 
+    require_package("safetensors", "train")   # checkpoints and the saved model
     args = resolve_defaults(args)
     spec = SPECS[args.task]
     if args.max_len is None or args.max_len < 8:

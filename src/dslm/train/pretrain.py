@@ -19,7 +19,7 @@ from torch import nn
 from dslm.errors import UsageError
 from dslm.model import BertConfig, BertForPreTraining
 from dslm.model.flags import add_model_arguments, config_from_args
-from dslm.runtime import is_main_process, resolve_device
+from dslm.runtime import is_main_process, require_package, resolve_device
 from dslm.train.engine import NonFiniteLoss, add_train_arguments, exit_status, train, train_config_from_args
 
 DEFAULT_DATA = "outputs/data/embedded"
@@ -220,6 +220,7 @@ def _resolve(args) -> argparse.Namespace:
 
 
 def run(args) -> int:
+    require_package("safetensors", "train")   # checkpoints and the saved model
     args = _resolve(args)
     cfg = train_config_from_args(args)
     if args.seq_len is None or args.seq_len < 8:
