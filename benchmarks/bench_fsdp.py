@@ -22,43 +22,28 @@ from pathlib import Path
 
 import torch
 
-from bench_pretrain import make_batch
-from dslm.model import BertConfig, BertForPreTraining
+from bench_pretrain import BenchTask, make_batch
+from dslm.model import BertConfig
 from dslm.train import distributed as D
 from dslm.train.engine import TrainConfig, Trainer
-from dslm.train.pretrain import pretraining_loss_and_metrics
 
 SIZES = {"bert-base": dict(hidden_size=768, num_layers=12, num_heads=12, seq_len=512, batch=32),
          "tiny": dict(hidden_size=64, num_layers=4, num_heads=2, seq_len=32, batch=4)}
 VARIANTS = ("ddp", "fsdp", "fsdp-keep", "fsdp-fp32")
 
 
-class BenchTask:
-    """The pretraining objective on one fixed batch per rank (no data, no evaluation); it notes
-    when its forward ends, for :class:`TimedTrainer`."""
-
-    name = "bench"
+class TimedTask(BenchTask):
+    """The benchmark's pretraining task on one fixed batch per rank (:class:`bench_pretrain.BenchTask`,
+    eager); it notes when its forward ends, for :class:`TimedTrainer`."""
 
     def __init__(self, config, seq_len):
-        self.config, self.seq_len = config, seq_len
+        super().__init__(config, seq_len, "ours")
         self.forward_end = 0.0
 
-    def build_model(self):
-        return BertForPreTraining(self.config)
-
-    def train_dataset(self):
-        return []
-
-    def eval_datasets(self):
-        return {}
-
     def loss_and_metrics(self, model, batch):
-        out = pretraining_loss_and_metrics(model, batch, round(0.15 * self.seq_len))
+        out = super().loss_and_metrics(model, batch)
         self.forward_end = time.perf_counter()
         return out
-
-    def summarize(self, sums):
-        return sums
 
 
 class TimedTrainer(Trainer):
@@ -105,7 +90,7 @@ def run_variant(variant, env, size, steps, warmup):
                       weight_decay=0.01, clip=1.0, precision="bf16" if env.device.type == "cuda" else "fp32",
                       fsdp=variant != "ddp", device=env.device.type, seed=0,
                       progress=False)   # nothing is written unless a step is non-finite
-    trainer = TimedTrainer(BenchTask(config, s["seq_len"]), cfg, env, variant)
+    trainer = TimedTrainer(TimedTask(config, s["seq_len"]), cfg, env, variant)
     batch = make_batch(s["batch"], s["seq_len"], config.vocab_size, env.device, seed=env.rank)
 
     sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)

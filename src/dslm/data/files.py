@@ -8,6 +8,21 @@ import shutil
 from pathlib import Path
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file or a folder (its entries: a rename into it) to disk; a no-op where the platform
+    cannot open or sync it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through ``path.tmp`` and a rename, so a crash leaves no half file."""
     tmp = path.with_name(path.name + ".tmp")

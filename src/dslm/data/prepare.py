@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dslm import __version__
-from dslm.data.files import copy_atomic, sha256_file, write_json_atomic
+from dslm.data.files import copy_atomic, fsync_path, sha256_file, write_json_atomic
 from dslm.data.manifest import FORMAT, MANIFEST_FILE, MANIFEST_VERSION, VERIFIED_FILE, check_files, read_manifest
 from dslm.data.packages import (DEFAULT_PACKAGE_CACHE, PACKAGE_CORPUS, PACKAGE_SOURCES, export_packages,
                                 exported_records, locate_debs)
@@ -164,33 +164,20 @@ def _remove_staging(out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _publish(stage: Path, out: Path) -> None:
     """Move the complete stage files from ``stage`` into ``out``: the old manifest goes first (from
     then on the directory reads as incomplete), the new manifest last."""
     for name in _STAGE_FILES:
-        _fsync(stage / name)
+        fsync_path(stage / name)
     (out / MANIFEST_FILE).unlink(missing_ok=True)
     (out / VERIFIED_FILE).unlink(missing_ok=True)
-    _fsync(out)
+    fsync_path(out)
     for name in _STAGE_FILES:
         if name != MANIFEST_FILE:
             os.replace(stage / name, out / name)
-    _fsync(out)
+    fsync_path(out)
     os.replace(stage / MANIFEST_FILE, out / MANIFEST_FILE)
-    _fsync(out)
+    fsync_path(out)
 
 
 def _prepare(out: Path, stage: Path, src: Source, request: dict, vocab: str | Path | None,

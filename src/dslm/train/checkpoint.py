@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dslm.data.files import fsync_path
 from dslm.errors import UsageError
 from dslm.train import distributed as D
 
@@ -135,36 +136,22 @@ def save(root: str | Path, step: int, model, optimizer, scheduler, env: D.DistEn
             shutil.rmtree(aside)
         os.replace(final, aside)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_path(root)
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_path(root)
     for old in step_dirs(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:   # a platform that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(path: Path) -> None:
     """Flush every file of a freshly written checkpoint folder, then the folder, to disk."""
     for f in path.iterdir():
         if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
+            fsync_path(f)
+    fsync_path(path)
 
 
 def recover(root: str | Path) -> None:
