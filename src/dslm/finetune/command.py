@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from dslm.data.files import write_text_atomic
 from dslm.errors import UsageError
 from dslm.model.flags import add_model_arguments, config_from_args
 from dslm.runtime import is_main_process, require_package, resolve_device
@@ -237,9 +237,7 @@ def run(args) -> int:
              "stopped": result.get("stopped"), "checkpoint": result.get("checkpoint"), "predictions": predictions,
              "data_reports": reports}
     path = out / "final_metrics.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(final, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(final, indent=2, default=str) + "\n")
     for split, m in final["eval"].items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "loss")
         print(f"{split}: {shown}")

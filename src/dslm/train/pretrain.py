@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dslm.data.files import write_text_atomic
 from dslm.errors import UsageError
 from dslm.model import BertConfig, BertForPreTraining
 from dslm.model.flags import add_model_arguments, config_from_args
@@ -255,7 +256,7 @@ def run(args) -> int:
         result["grad_profile"] = task.profiles
     if is_main_process():
         path = Path(cfg.out_dir) / "final_metrics.json"
-        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        write_text_atomic(path, json.dumps(result, indent=2, default=str) + "\n")
         print(f"final metrics: {path}")
     return exit_status(result)
 
