@@ -1,5 +1,6 @@
 """The training engine on the CPU: schedule, learning, exact resume, accumulation, non-finite steps,
 checkpoint errors, logging outputs and the `dslm pretrain` flags."""
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -272,10 +273,12 @@ def test_pretraining_eval_reads_every_sample_once(data):
     assert len(list(task.make_loader(valid, batch, 0, 1, 0, 2, False))) == 2
 
 
-def test_sigterm_writes_a_checkpoint_exits_143_and_resumes(data, tmp_path):
+@pytest.mark.parametrize("workers, to_group", [(0, False), (1, True)])
+def test_sigterm_writes_a_checkpoint_exits_143_and_resumes(data, tmp_path, workers, to_group):
     """A SIGTERM mid-run (as torchrun or a scheduler sends it) finishes the step, writes a checkpoint
     and exits 128 + 15 (checkpointed, not finished: a && chain stops); --load continues from that
-    step, and a planned --stop-at exits 0."""
+    step, and a planned --stop-at exits 0. Sent to the whole process group (as `timeout`, Slurm and
+    Kubernetes do), the data-loader worker leaves it to the main process."""
     import os
     import signal
     import subprocess
@@ -285,20 +288,27 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resumes(data, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "dslm", "pretrain", "--preset", "tiny", "--data", str(data[0]), "--out-dir",
             str(out), "--device", "cpu", "--layers", "1", "--hidden", "32", "--seq-len", "32", "--eval-every", "0",
-            "--log-every", "1", "--no-progress", "--num-workers", "0", "--steps", "100000"]
+            "--log-every", "1", "--no-progress", "--num-workers", str(workers), "--steps", "100000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=to_group)
     try:
         deadline = time.time() + 90
         while time.time() < deadline and not (
                 (out / "metrics.jsonl").is_file() and len(read_metrics(out, "train")) >= 3):
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        if to_group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
+        if to_group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    assert "SIGTERM" in stdout
+    assert "SIGTERM" in stdout and "Traceback" not in stderr
     step = max(r["step"] for r in read_metrics(out, "train"))
     assert ckpt_io.step_dirs(out / "checkpoints")[-1].name == f"step_{step:08d}"
     resumed = subprocess.run(args + ["--load", str(out), "--stop-at", str(step + 2)], env=env,

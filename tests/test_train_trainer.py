@@ -1,6 +1,9 @@
 """The Trainer's public steps: a loop of one's own over ``train_step`` / ``train_metrics`` /
 ``evaluate`` / ``save`` / ``load`` reproduces :func:`train` exactly (CPU, fp32, dropout on,
 gradient accumulation)."""
+import os
+import signal
+
 import pytest
 import torch
 
@@ -75,3 +78,32 @@ def test_train_step_takes_a_list_of_micro_batches_and_refuses_too_few(tmp_path):
     assert float(trainer.train_step(step)) == 0.0 and trainer.step == 1
     with pytest.raises(RuntimeError, match="loader ended at step 1"):
         trainer.train_step(step[:1])
+
+
+class SignalledDuringEval(SequentialToyTask):
+    """Sends this process a SIGTERM from inside its first evaluation forward (a preemption that
+    lands during the final evaluation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.armed = True
+
+    def loss_and_metrics(self, model, batch):
+        if self.armed and not model.training:
+            self.armed = False
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().loss_and_metrics(model, batch)
+
+
+def test_a_signal_during_the_final_evaluation_checkpoints_and_resumes(tmp_path):
+    """The evaluation ends at its next batch, the checkpoint of the last step is written and the run
+    reports the signal (exit 143 from the CLI); --load then runs only the final evaluation, which
+    equals that of an uninterrupted run."""
+    config = dict(steps=6, eval_iters=None, eval_batch=4)       # 16 valid items: 4 batches
+    full = train(SequentialToyTask(), cfg(tmp_path / "full", **config))
+    stopped = train(SignalledDuringEval(), cfg(tmp_path / "run", **config))
+    assert stopped["stopped"] == "SIGTERM" and stopped["steps"] == 6 and stopped["eval"] == {}
+    assert ckpt_io.step_dirs(tmp_path / "run" / "checkpoints")[-1].name == "step_00000006"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL       # the run's handler is gone
+    resumed = train(SequentialToyTask(), cfg(tmp_path / "run", load=str(tmp_path / "run"), **config))
+    assert "stopped" not in resumed and resumed["eval"] == full["eval"]

@@ -1,9 +1,11 @@
-"""Where a job runs: the device a ``--device`` name means, and whether this process is the one that
-writes (rank 0 of a torchrun job, or a plain process)."""
+"""Where a job runs: the device a ``--device`` name means, whether this process is the one that
+writes (rank 0 of a torchrun job, or a plain process), and data-loader workers that leave the stop
+signals to it."""
 from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 
 import torch
 
@@ -33,3 +35,36 @@ def require_package(module: str, extra: str) -> None:
     job's work starts, so a missing package never costs a finished training run."""
     if importlib.util.find_spec(module) is None:
         raise UsageError(f"the '{module}' package is needed here: pip install 'dslm[{extra}]' (or pip install {module})")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _worker_leaves_stop_signals(worker_id: int) -> None:
+    """A loader worker's init: ignore SIGTERM/SIGINT (PyTorch's worker handler would end the worker,
+    and the main process's loader would then fail instead of checkpointing), then unblock them."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class WorkerLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker processes leave SIGTERM/SIGINT to the main process, so that a signal
+    sent to the whole process group (``timeout``, Slurm, Kubernetes) reaches only the training loop,
+    which checkpoints and stops; the workers end when it drops the loader. The signals are blocked
+    while the workers start, so none can arrive before a worker ignores them (a signal that arrives
+    meanwhile is delivered to the main process when they are unblocked)."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("num_workers", 0) > 0:
+            kwargs.setdefault("worker_init_fn", _worker_leaves_stop_signals)
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self):
+        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+            return super().__iter__()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)

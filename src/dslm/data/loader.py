@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from dslm.errors import UsageError
+from dslm.runtime import WorkerLoader
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -47,7 +48,7 @@ def make_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, nu
     if not 0 <= start_step <= num_steps:
         raise UsageError(f"start_step {start_step}: must be between 0 and num_steps {num_steps}")
     batches = StepBatches(dataset, batch_size, rank, world_size, start_step, num_steps)
-    return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers,
+    return WorkerLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers,
                                        pin_memory=pin_memory,
                                        prefetch_factor=prefetch_factor if num_workers > 0 else None)
 
@@ -80,6 +81,6 @@ def make_eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise UsageError(f"batch_size {batch_size}, rank {rank}, world_size {world_size}: need batch_size >= 1 "
                          "and 0 <= rank < world_size")
-    return torch.utils.data.DataLoader(EvalBatches(dataset, batch_size, rank, world_size, max_batches),
+    return WorkerLoader(EvalBatches(dataset, batch_size, rank, world_size, max_batches),
                                        batch_size=None, shuffle=False, num_workers=num_workers,
                                        pin_memory=pin_memory)

@@ -16,8 +16,10 @@ one step later through a pinned copy and a CUDA event, without stalling the GPU 
 ``max_bad_steps`` skipped steps in a row the run writes a checkpoint (its weights are those of the
 last good update) and raises :class:`NonFiniteLoss`.
 
-SIGTERM / SIGINT: the current step finishes, a checkpoint is written and the run returns (a second
-SIGINT interrupts at once). Evaluation runs on the task's eval datasets every ``eval_every`` steps
+SIGTERM / SIGINT, to the process or its whole group (loader workers leave them to this process):
+the current step finishes, or an evaluation ends at its next batch (one process), a checkpoint is
+written and the run returns with ``stopped`` set; one that arrives during the final save waits for
+it and the run ends complete (a second SIGINT interrupts at once). Evaluation runs on the task's eval datasets every ``eval_every`` steps
 (those not named ``test``) and on all of them at the end, with the RNG state forked so that it never
 changes the training stream; a resumed run is therefore bit-identical to an uninterrupted one on
 the CPU in fp32.
@@ -35,6 +37,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -295,10 +298,17 @@ def _stack(metrics: dict, keys: list[str], device) -> torch.Tensor:
     return torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).to(device)
 
 
-def evaluate(task, model, datasets: dict, cfg: TrainConfig) -> dict[str, dict[str, float]]:
+class EvaluationInterrupted(Exception):
+    """:func:`evaluate` stopped before its last batch because ``interrupted()`` said so."""
+
+
+def evaluate(task, model, datasets: dict, cfg: TrainConfig,
+             interrupted: Callable[[], bool] | None = None) -> dict[str, dict[str, float]]:
     """Summaries of the task's metrics on each dataset (all ranks take part; every rank gets them).
     At most ``cfg.eval_iters`` global batches (``eval_iters * global_batch`` items, whatever the
-    number of ranks), read in batches of ``cfg.eval_batch or cfg.micro_batch`` per rank."""
+    number of ranks), read in batches of ``cfg.eval_batch or cfg.micro_batch`` per rank.
+    ``interrupted`` (one process only: ranks must run the same forwards) is asked before every
+    batch; when it returns True the pass ends with :class:`EvaluationInterrupted`."""
     rank, world = _dist_info(model)
     device = _device_of(model)
     batch_size = cfg.eval_batch or cfg.micro_batch or max(1, cfg.global_batch // world)
@@ -318,6 +328,8 @@ def evaluate(task, model, datasets: dict, cfg: TrainConfig) -> dict[str, dict[st
                     batches = batches if hasattr(batches, "__len__") else list(batches)
                     most = _max_over_ranks(len(batches), device)
                 for batch in batches:
+                    if interrupted is not None and interrupted():
+                        raise EvaluationInterrupted(name)
                     batch = _to_device(batch, device)
                     with autocast(device, cfg.precision):
                         loss, metrics = task.loss_and_metrics(model, batch)
@@ -770,7 +782,8 @@ class Trainer:
         last_train, last_eval, stop = {}, {}, None
         self.model.train()
         # signal handlers first: loader workers forked by train_batches inherit them, so a SIGTERM sent
-        # to the whole process group leaves them running until this process has written its checkpoint
+        # to the whole process group leaves them running until this process has written its checkpoint.
+        # They stay until the end: a signal during the final evaluation or save is handled the same way.
         with _Signals() as signals:
             batches = self.train_batches()
             while self.step < self.total:
@@ -792,7 +805,12 @@ class Trainer:
                     break
                 t0 = time.perf_counter()
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total:
-                    last_eval = self.evaluate({k: v for k, v in self.eval_sets.items() if k != "test"})
+                    evals = self._evaluate_unless_signalled(
+                        {k: v for k, v in self.eval_sets.items() if k != "test"}, signals)
+                    if evals is None:
+                        stop = "signal"
+                        break
+                    last_eval = evals
                     for name, m in last_eval.items():
                         self.log.log(step, name, m)
                 if cfg.save_every and step % cfg.save_every == 0 and step < self.total:
@@ -800,14 +818,24 @@ class Trainer:
                 self._eval_time += time.perf_counter() - t0
             if stop:
                 return self._stop(stop, signals.received, last_train, last_eval)
-
-        final_eval = self.evaluate() if self.eval_sets else {}
-        for name, m in final_eval.items():
-            self.log.log(self.total, name, m)
-        if cfg.save_final:
-            self.save()
+            final_eval = self._evaluate_unless_signalled(self.eval_sets, signals) if self.eval_sets else {}
+            if final_eval is None:
+                return self._stop("signal", signals.received, last_train, last_eval)
+            for name, m in final_eval.items():
+                self.log.log(self.total, name, m)
+            if cfg.save_final:
+                self.save()    # a signal now waits for the save; the run is then complete
         self.log.close()
         return self._result(last_train, final_eval)
+
+    def _evaluate_unless_signalled(self, datasets: dict, signals: "_Signals") -> dict | None:
+        """:meth:`evaluate`, or None when a signal arrives during it (one process: the pass ends at the
+        next batch; several ranks finish the pass together and stop at the next step)."""
+        check = (lambda: signals.received is not None) if self.world == 1 else None
+        try:
+            return evaluate(self.task, self.model, datasets, self.cfg, interrupted=check)
+        except EvaluationInterrupted:
+            return None
 
     def _stop(self, why: str, received: str | None, last_train: dict, last_eval: dict) -> dict:
         """End the run early with a checkpoint; raise NonFiniteLoss when it stops for that."""

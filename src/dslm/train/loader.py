@@ -10,7 +10,9 @@ takes items ``r, r + W, r + 2W, ...`` in order. Items are ``dict[str, Tensor]``,
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
+
+from dslm.runtime import WorkerLoader
 
 
 class _Batches(Dataset):
@@ -69,7 +71,7 @@ def default_loader(dataset, batch_size: int, rank: int, world_size: int, start_s
     batches = _Batches(dataset, batch_size, rank, world_size, start_step, num_steps, train, seed)
     if batches.length is None:  # endless training stream; workers interleave in order
         if num_workers > 0:
-            return DataLoader(_Endless(batches), batch_size=None, num_workers=num_workers,
+            return WorkerLoader(_Endless(batches), batch_size=None, num_workers=num_workers,
                               pin_memory=pin_memory)
-        return DataLoader(_Endless(batches), batch_size=None, pin_memory=pin_memory)
-    return DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
+        return WorkerLoader(_Endless(batches), batch_size=None, pin_memory=pin_memory)
+    return WorkerLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
