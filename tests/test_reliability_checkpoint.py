@@ -1,5 +1,6 @@
 """Checkpoints load without running code from the pickles, and re-saving a step never leaves a
 moment without a whole ``step_N`` on disk."""
+import json
 import os
 import random
 import shutil
@@ -153,3 +154,24 @@ def test_resave_replaces_the_step_and_fsyncs(tmp_path, monkeypatch):
     m2 = load(path)[3]
     assert all(torch.equal(a, b) for a, b in zip(model[0].state_dict().values(), m2.state_dict().values()))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004"]
+
+
+def test_resumed_metrics_rewrite_is_atomic(tmp_path, monkeypatch):
+    """A resumed run drops the records written after its checkpoint through a temp file and a rename:
+    a failure before the rename leaves every old record in place."""
+    from dslm.data import files
+    from dslm.train.logging import METRICS_FILE, RunLogger
+
+    lines = [json.dumps({"step": s, "split": "train", "loss": 1.0 / s}) for s in range(1, 7)]
+    (tmp_path / METRICS_FILE).write_text("".join(line + "\n" for line in lines))
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        RunLogger(tmp_path, enabled=True, total_steps=10, start_step=4, progress=False, tensorboard=False)
+    assert (tmp_path / METRICS_FILE).read_text().splitlines() == lines
+    monkeypatch.undo()
+    RunLogger(tmp_path, enabled=True, total_steps=10, start_step=4, progress=False, tensorboard=False).close()
+    assert (tmp_path / METRICS_FILE).read_text().splitlines() == lines[:4]

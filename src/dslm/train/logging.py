@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from dslm.data.files import write_text_atomic
+
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"
 
@@ -37,7 +39,7 @@ class RunLogger:
         path = self.out_dir / METRICS_FILE
         if path.exists():  # a resumed run: drop records the interrupted run wrote after its checkpoint
             kept = [line for line in path.read_text().splitlines() if _step_of(line) <= start_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            write_text_atomic(path, "".join(line + "\n" for line in kept))   # a kill now keeps one whole file
         self._file = path.open("a")
         if tensorboard:
             try:
