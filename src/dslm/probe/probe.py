@@ -1,7 +1,8 @@
 """Measure a model's signal propagation in one forward/backward pass (THEORY.md sections 2 and 4).
 
 :func:`probe_model` runs the model's pretraining loss on a batch in training mode (dropout on), with
-forward hooks on the embeddings and on every layer, and reads back per layer:
+forward hooks on the residual stream at the embeddings and after every block, and reads back per
+layer:
 
 - the variance and mean cross-token correlation of the residual stream after the layer (for Post-LN:
   the sum after the second residual add, before the next LayerNorm);
@@ -10,10 +11,12 @@ forward hooks on the embeddings and on every layer, and reads back per layer:
 - the L2 norm of the gradient of each weight matrix (Q, K, V, attention out, FFN in, FFN out) and
   of the six together.
 
-Micro-batching accumulates gradients with each micro-batch's loss weighted by its share of the
-masked tokens / labelled sequences, so the gradients are those of the full batch's loss (up to
-dropout's random draws); the statistics are pooled sums, so they are the full batch's too. No
-parameter is updated; gradients are cleared before and after.
+Where the stream is, which matrix plays which role and what the loss terms are come from a
+:class:`dslm.probe.adapters.ProbeAdapter`: one ships for dslm's BERT and one for HF's, and any model
+can be probed through one written for it. Micro-batching accumulates gradients with each
+micro-batch's loss weighted by its share of the masked tokens / labelled sequences, so the gradients
+are those of the full batch's loss (up to dropout's random draws); the statistics are pooled sums,
+so they are the full batch's too. No parameter is updated; gradients are cleared before and after.
 """
 from __future__ import annotations
 
@@ -22,11 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dslm.model.bert import IGNORE_INDEX
+from dslm.probe.adapters import ProbeAdapter, Tap, adapter_for
 from dslm.probe.stats import TokenMoments
 from dslm.theory.profile import GRAD_MATRICES, SignalProfile
 
 MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "binary_labels")
-IGNORE_INDEX = -100
+LABELS = {"mlm": "mlm_labels", "binary": "binary_labels"}   # loss term -> its labels in the batch
 
 
 @dataclass
@@ -46,81 +51,84 @@ def _split(batch: dict, size: int):
         yield {k: v[start:start + size] for k, v in batch.items()}
 
 
-def probe_model(model, batch: dict, micro_batch_size: int | None = None) -> ProbeResult:
+def _watch(tap: Tap, fwd: TokenMoments, bwd: TokenMoments, state: dict):
+    """Hook ``tap``: the stream's moments into ``fwd``, its gradient's into ``bwd``."""
+    def hook(module, inputs, output):
+        x = inputs[0] if tap.input else output
+        fwd.add(x, state["mask"])
+        if x.requires_grad:
+            x.register_hook(lambda g: bwd.add(g, state["mask"]))
+    return tap.module.register_forward_hook(hook)
+
+
+def _grad_norms(adapter: ProbeAdapter, blocks: list) -> np.ndarray:
+    """(N, 6) L2 norms of each block's role gradients, in GRAD_MATRICES order (one transfer)."""
+    norms = []
+    for block in blocks:
+        grads = adapter.grads(block)
+        if set(grads) != set(GRAD_MATRICES):
+            raise ValueError(f"adapter grads gave roles {sorted(grads)}, expected {GRAD_MATRICES}")
+        norms.append(torch.stack([torch.linalg.vector_norm(grads[role].float())
+                                  for role in GRAD_MATRICES]))
+    return torch.stack(norms).double().cpu().numpy()
+
+
+def _accumulate(model, adapter: ProbeAdapter, batch: dict, micro: int, state: dict) -> tuple:
+    """Backward each micro-batch's loss terms, each weighted by the micro-batch's share of the
+    batch's labels, so the gradients are the full batch's; returns the batch's loss and terms."""
+    device = batch["input_ids"].device
+    totals = {name: (batch[key] != IGNORE_INDEX).sum().clamp(min=1)
+              for name, key in LABELS.items() if key in batch}
+    loss_sum = torch.zeros((), device=device)
+    parts = {}
+    for mb in _split(batch, micro):
+        state["mask"] = mb.get("attention_mask")
+        loss = torch.zeros((), device=device)
+        for name, (mean, count) in adapter.losses(model, mb).items():
+            term = mean * (count / totals[name])   # mean over the micro-batch -> share of the batch
+            parts[name] = parts.get(name, 0) + term.detach()
+            loss = loss + term
+        loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum, parts
+
+
+def probe_model(model, batch: dict, micro_batch_size: int | None = None,
+                adapter: ProbeAdapter | None = None) -> ProbeResult:
     """One forward/backward of ``model``'s pretraining loss on ``batch`` in training mode.
 
-    ``model``: a :class:`dslm.model.bert.BertForPreTraining` (also one converted from HF).
-    ``batch``: the data layer's dict (input_ids, token_type_ids, attention_mask, mlm_labels,
-    binary_labels); tensors are moved to the model's device. ``micro_batch_size``: sequences per
-    forward/backward (None = the whole batch at once).
+    ``model``: any model ``adapter`` reads. ``batch``: the data layer's dict (input_ids,
+    token_type_ids, attention_mask, mlm_labels, binary_labels); tensors are moved to the model's
+    device. ``micro_batch_size``: sequences per forward/backward (None = the whole batch at once).
+    ``adapter``: None = the shipped one for the model's class (:func:`adapter_for`: dslm's and HF
+    transformers' ``BertForPreTraining``).
     """
-    if not (hasattr(model, "bert") and hasattr(model.bert, "layers")):
-        raise TypeError("probe_model needs a dslm BertForPreTraining (convert HF models with "
-                        "dslm.model.hf.from_hf first)")
-    params = dict(model.named_parameters())
-    device = next(iter(params.values())).device
+    adapter = adapter or adapter_for(model)
+    device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items() if k in MODEL_KEYS and v is not None}
-    if "mlm_labels" not in batch and "binary_labels" not in batch:
+    if not any(key in batch for key in LABELS.values()):
         raise ValueError("probe_model needs mlm_labels and/or binary_labels in the batch")
-    n_seq = batch["input_ids"].shape[0]
-    micro = n_seq if not micro_batch_size else int(micro_batch_size)
+    micro = batch["input_ids"].shape[0] if not micro_batch_size else int(micro_batch_size)
     if micro <= 0:
         raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
 
-    layers = list(model.bert.layers)
-    modules = [model.bert.embeddings] + layers
-    fwd = [TokenMoments(device) for _ in modules]
-    bwd = [TokenMoments(device) for _ in modules]
+    blocks = adapter.blocks(model)
+    taps = [adapter.embedding(model)] + [adapter.stream(block) for block in blocks]
+    fwd = [TokenMoments(device) for _ in taps]
+    bwd = [TokenMoments(device) for _ in taps]
     state = {"mask": None}
-
-    def make_hook(i):
-        def hook(module, inputs, output):
-            fwd[i].add(output, state["mask"])
-            if output.requires_grad:
-                output.register_hook(lambda g: bwd[i].add(g, state["mask"]))
-        return hook
-
-    totals = {}
-    for key in ("mlm_labels", "binary_labels"):
-        if key in batch:
-            totals[key] = (batch[key] != IGNORE_INDEX).sum().clamp(min=1)
-
     was_training = model.training
     model.train()
     model.zero_grad(set_to_none=True)
-    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
-    loss_sum = torch.zeros((), device=device)
-    parts = {"mlm_labels": torch.zeros((), device=device),
-             "binary_labels": torch.zeros((), device=device)}
+    handles = [_watch(tap, f, b, state) for tap, f, b in zip(taps, fwd, bwd)]
     try:
-        for mb in _split(batch, micro):
-            state["mask"] = mb.get("attention_mask")
-            out = model(**mb)
-            loss = torch.zeros((), device=device)
-            if "mlm_labels" in totals:   # per-token mean over the micro-batch -> share of the batch
-                term = out.mlm_loss * (out.mlm_count / totals["mlm_labels"])
-                parts["mlm_labels"] += term.detach()
-                loss = loss + term
-            if "binary_labels" in totals:
-                term = out.binary_loss * (out.binary_count / totals["binary_labels"])
-                parts["binary_labels"] += term.detach()
-                loss = loss + term
-            loss.backward()
-            loss_sum += loss.detach()
+        loss_sum, parts = _accumulate(model, adapter, batch, micro, state)
+        norms = _grad_norms(adapter, blocks)                   # (N, 6)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-
-    d = model.config.hidden_size
-    norms = []
-    for layer in layers:
-        qkv = layer.attention.qkv.weight.grad
-        grads = [qkv[:d], qkv[d:2 * d], qkv[2 * d:], layer.attention.out.weight.grad,
-                 layer.ffn.fc_in.weight.grad, layer.ffn.fc_out.weight.grad]
-        norms.append(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    norms = torch.stack(norms).double().cpu().numpy()          # (N, 6), one host transfer
-    model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
 
     f = np.array([m.result() for m in fwd])                    # (N+1, 3): mean, var, corr
     g = np.array([m.result() for m in bwd])
@@ -132,6 +140,6 @@ def probe_model(model, batch: dict, micro_batch_size: int | None = None) -> Prob
         embedding_variance=float(f[0, 1]), embedding_correlation=float(f[0, 2]),
         input_grad_variance=float(g[0, 1]), input_grad_correlation=float(g[0, 2]),
         loss=float(loss_sum),
-        mlm_loss=float(parts["mlm_labels"]) if "mlm_labels" in totals else None,
-        binary_loss=float(parts["binary_labels"]) if "binary_labels" in totals else None,
+        mlm_loss=float(parts["mlm"]) if "mlm" in parts else None,
+        binary_loss=float(parts["binary"]) if "binary" in parts else None,
     )
