@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from dslm.errors import UsageError
@@ -56,6 +57,22 @@ def _version() -> str:
     return f"dslm {__version__}"
 
 
+# OS errors that name a path a command was given: one line, not a traceback
+_PATH_ERRORS = (PermissionError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def _user_error(e: BaseException) -> str | None:
+    """The one line for an error a user's input causes (a path that cannot be read or written, sizes
+    beyond memory), or None for anything else (a bug: its traceback is shown)."""
+    if isinstance(e, _PATH_ERRORS):
+        return f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+    oom = isinstance(e, MemoryError) or "can't allocate memory" in str(e) or type(e).__name__ == "OutOfMemoryError"
+    if oom:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "MemoryError"
+        return f"out of memory ({first[:160]}); choose smaller sizes (layers, width, batch or micro-batch)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = "dslm"
@@ -74,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except (OSError, MemoryError, RuntimeError) as e:
+        message = None if os.environ.get("DSLM_DEBUG") else _user_error(e)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message} (DSLM_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 def entry() -> None:

@@ -17,6 +17,16 @@ def _package_help() -> str:
     return f"Debian documentation packages: {listed}; alias {aliases}"
 
 
+def _worker_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of processes (0 or more), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of processes (0 or more), got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", nargs="+", default=["embedded"], metavar="SOURCE",
                         help="embedded (shipped corpus, no download), tfds (TFDS wikipedia/20230601.en), "
@@ -31,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"size of the WordPiece vocabulary trained when --vocab is not given (default "
                              f"{DEFAULT_VOCAB_SIZE}; --source embedded without it uses the shipped 8192-token vocab)")
     parser.add_argument("--split", default="980,10,10", help="train,valid,test document weights")
-    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per CPU)")
+    parser.add_argument("--workers", type=_worker_count, default=None,
+                        help="tokenizer processes; 0 tokenizes in this process (default: one per CPU)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad input line instead of skipping it")
     parser.add_argument("--force", action="store_true",
                         help="redo a directory that is already prepared (package sources: also read the "

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dslm.data.files import copy_atomic
 from dslm.errors import UsageError
 from dslm.train import checkpoint as ckpt_io
 from dslm.train import distributed as D
@@ -582,10 +583,14 @@ class Trainer:
 
     def _claim_out_dir(self) -> None:
         """Before the first write: a fresh run refuses (or, with ``overwrite``, clears) an ``out_dir``
-        that holds another run (:func:`claim_run_dir`); a loaded one continues its own."""
+        that holds another run (:func:`claim_run_dir`), then copies the task's ``run_files`` into it;
+        a loaded one continues its own."""
         if not self._owns_out_dir:
             if self.env.is_main:
                 claim_run_dir(self.out_dir, self.cfg.overwrite)
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                for name, source in getattr(self.task, "run_files", dict)().items():
+                    copy_atomic(Path(source), self.out_dir / name)
             self._owns_out_dir = True
 
     @property

@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -146,6 +145,10 @@ class PretrainTask:
     def config_dict(self) -> dict:
         return {**self.config.to_dict(), "seq_len": self.seq_len}
 
+    def run_files(self) -> dict:
+        """The run folder carries its vocabulary, so that `dslm finetune --init-from` finds it."""
+        return {"vocab.txt": self.data_dir / "vocab.txt"}
+
     def train_dataset(self):
         return self.dataset("train")
 
@@ -243,9 +246,6 @@ def run(args) -> int:
         raise UsageError("--grad-profile: probes a whole model, so it runs in a single process only")
     task = PretrainTask(data, config, args.seq_len, seed=cfg.seed, num_workers=cfg.num_workers,
                         r0_auto=args.r0 == "auto", grad_profile=args.grad_profile)
-    if is_main_process():   # the run directory carries its vocabulary, so `dslm finetune --init-from` finds it
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(data) / "vocab.txt", Path(cfg.out_dir) / "vocab.txt")
     try:
         result = train(task, cfg)
     except NonFiniteLoss as e:

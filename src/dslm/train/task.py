@@ -26,7 +26,8 @@ A task owns everything specific to one job (pretraining, a GLUE finetune, ...):
 
 Optional attributes the engine reads if present: ``tokens_per_item`` (int, for tokens/s),
 ``flops_per_token(model)`` (float, for MFU), ``config_dict()`` (JSON-able dict saved in every
-checkpoint so that ``--load`` can refuse an incompatible one).
+checkpoint so that ``--load`` can refuse an incompatible one), ``run_files()`` (``{name: path}``
+copied into ``out_dir`` once a fresh run has claimed it, e.g. the vocabulary).
 """
 from __future__ import annotations
 
