@@ -8,7 +8,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "dslm"
 
 # each layer may import itself and the layers listed before it
 LAYERS = [
-    {"errors", "records", "plotting", "runtime"},
+    {"errors", "files", "records", "plotting", "runtime"},
     {"theory"},
     {"sim"},
     {"model"},

@@ -159,7 +159,7 @@ def test_resave_replaces_the_step_and_fsyncs(tmp_path, monkeypatch):
 def test_resumed_metrics_rewrite_is_atomic(tmp_path, monkeypatch):
     """A resumed run drops the records written after its checkpoint through a temp file and a rename:
     a failure before the rename leaves every old record in place."""
-    from dslm.data import files
+    from dslm import files
     from dslm.train.logging import METRICS_FILE, RunLogger
 
     lines = [json.dumps({"step": s, "split": "train", "loss": 1.0 / s}) for s in range(1, 7)]

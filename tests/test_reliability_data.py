@@ -11,14 +11,15 @@ import textwrap
 
 import numpy as np
 import pytest
+from test_data_common import make_documents, prepare_small, write_jsonl
 
+from dslm import files as files_mod
 from dslm.cli import main
 from dslm.data import PretrainingDataset, prepare_dataset
 from dslm.data import manifest as manifest_mod
 from dslm.data.manifest import MANIFEST_FILE, VERIFIED_FILE, read_manifest
-from dslm.data.files import sha256_file
 from dslm.errors import UsageError
-from test_data_common import make_documents, prepare_small, write_jsonl
+from dslm.files import sha256_file
 
 
 def _snapshot(out):
@@ -185,7 +186,7 @@ def test_the_stamp_skips_hashing_on_later_loads(tmp_path, monkeypatch):
 
 def test_read_only_dataset_still_loads(tmp_path, monkeypatch):
     out = prepare_small(tmp_path, make_documents(20))
-    monkeypatch.setattr(manifest_mod.os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError("read-only")))
+    monkeypatch.setattr(files_mod.os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError("read-only")))
     PretrainingDataset(out, seq_len=32)
     assert not (out / VERIFIED_FILE).exists() and not list(out.glob("*.tmp"))
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from dslm.cli import main
 from dslm.sim.components import COMPONENTS
-from dslm.sim.estimators import moments_from_rows
 from dslm.sim.runner import resolve_grid, run_component
 
 triton = pytest.importorskip("triton", reason="the fused kernels need the triton package")

@@ -13,7 +13,6 @@ ignores the context and predicts the train split's token frequencies at every ma
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from dslm.data.manifest import read_manifest
 from dslm.data.split import split_documents
 from dslm.data.store import BIN_FILE, TokenStore
 from dslm.errors import UsageError
+from dslm.files import atomic_output
 
 EVAL_SEED = 20240309
 EVAL_DIR = "eval"
@@ -92,12 +92,10 @@ def _save(path: Path, arrays: dict[str, np.ndarray], store_sha: str) -> None:
     """Write through a per-process temporary file and a rename: concurrent runs that build the same
     set write identical files, and a reader never sees half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     try:
-        np.savez(tmp, store_sha256=np.array(store_sha), **arrays)
-        os.replace(tmp, path)
+        with atomic_output(path, "wb") as f:
+            np.savez(f, store_sha256=np.array(store_sha), **arrays)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"{path}: cannot write the evaluation set ({e})") from None
 
 

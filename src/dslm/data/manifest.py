@@ -11,12 +11,12 @@ only compare ``stat`` results; a file changed since then is hashed again.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 from pathlib import Path
 
-from dslm.data.files import sha256_file
 from dslm.errors import UsageError
+from dslm.files import sha256_file, write_text_atomic
 
 MANIFEST_FILE = "dataset.json"
 VERIFIED_FILE = ".verified"
@@ -90,13 +90,6 @@ def verify_files(data_dir: str | Path, manifest: dict) -> list[str]:
             hashed.append(name)
         fresh[name] = {"sha256": info["sha256"], "stat": key}
     if hashed or stamp != fresh:
-        tmp = data_dir / f"{VERIFIED_FILE}.{os.getpid()}.tmp"
-        try:
-            tmp.write_text(json.dumps(fresh, indent=1) + "\n", encoding="utf-8")
-            os.replace(tmp, stamp_path)
-        except OSError:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
+        with contextlib.suppress(OSError):     # a read-only dataset is checked again next time
+            write_text_atomic(stamp_path, json.dumps(fresh, indent=1) + "\n")
     return hashed

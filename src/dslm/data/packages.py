@@ -47,7 +47,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from dslm.data.files import sha256_file, write_json_atomic
+from dslm.files import sha256_file, write_json_atomic
 from dslm.errors import UsageError
 
 DEFAULT_PACKAGE_CACHE = Path("outputs") / "data" / "packages"

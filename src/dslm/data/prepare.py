@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dslm import __version__
-from dslm.data.files import copy_atomic, fsync_path, sha256_file, write_json_atomic
+from dslm.files import copy_atomic, fsync_path, sha256_file, write_json_atomic
 from dslm.data.manifest import FORMAT, MANIFEST_FILE, MANIFEST_VERSION, VERIFIED_FILE, check_files, read_manifest
 from dslm.data.packages import (DEFAULT_PACKAGE_CACHE, PACKAGE_CORPUS, PACKAGE_SOURCES, export_packages,
                                 exported_records, locate_debs)

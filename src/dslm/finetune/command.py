@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dslm.data.files import write_text_atomic
+from dslm.files import write_text_atomic
 from dslm.errors import UsageError
 from dslm.model.flags import add_model_arguments, config_from_args
 from dslm.runtime import is_main_process, require_package, resolve_device

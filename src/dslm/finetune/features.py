@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from dslm.errors import UsageError
+from dslm.files import atomic_output
 
 CACHE_VERSION = 1
 LEVEL_IDS = {"middle": 0, "high": 1}
@@ -54,12 +54,10 @@ class Encoded:
 
     def save(self, path: Path, meta: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_output(path, "wb") as f:
             np.savez(f, ids=self.ids, offsets=self.offsets, seg0=self.seg0, labels=self.labels,
                      guids=self.guids, levels=self.levels, choices=np.array(self.choices),
                      meta=np.array(json.dumps(meta)))
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> tuple["Encoded", dict]:

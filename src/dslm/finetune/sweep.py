@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from dslm.errors import UsageError
+from dslm.files import write_json_atomic, write_text_atomic
 
 REFERENCE_LRS = (1e-5, 2e-5, 3e-5, 4e-5, 5e-5)
 REFERENCE_SEEDS = (1, 2, 3, 4, 5)
@@ -189,11 +190,11 @@ def collect(out: Path, lrs: list[float] | None = None, seeds: list[int] | None =
 
 def write_tables(out: Path, task: str, runs: list[dict]) -> dict:
     agg = aggregate(runs)
-    (out / "results.md").write_text(to_markdown(agg, f"{task}: {len(runs)} runs"))
-    (out / "results.csv").write_text(to_csv(agg))
+    write_text_atomic(out / "results.md", to_markdown(agg, f"{task}: {len(runs)} runs"))
+    write_text_atomic(out / "results.csv", to_csv(agg))
     serial = {m: {"best_lr": e["best_lr"], "rows": {f"{lr:g}": row for lr, row in e["rows"].items()}}
               for m, e in agg.items()}
-    (out / "results.json").write_text(json.dumps({"task": task, "runs": runs, "table": serial}, indent=2) + "\n")
+    write_json_atomic(out / "results.json", {"task": task, "runs": runs, "table": serial})
     return agg
 
 

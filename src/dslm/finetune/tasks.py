@@ -29,6 +29,7 @@ from dslm.finetune.features import (EncodedDataset, cache_key, cached_encode, en
 from dslm.finetune.readers import (MNLI_LABELS, QQP_LABELS, RACE_LETTERS, RACE_LEVELS, ReadReport, file_checksum,
                                    glue_split_path, read_hf_pairs, read_hf_race, read_mnli_tsv, read_qqp_tsv,
                                    read_race_tree)
+from dslm.files import atomic_output
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo"
 
@@ -186,8 +187,7 @@ def write_predictions(path: Path, spec: TaskSpec, dataset: EncodedDataset, logit
     pred = logits.argmax(-1) if len(logits) else np.zeros(0, dtype=np.int64)
     names = spec.label_names if spec.kind != "binary" else ("0", "1")
     race = spec.kind == "race"
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_output(path) as f:
         f.write("id\tprediction\tlabel\tcorrect" + ("\tlevel" if race else "") + "\n")
         for i in range(len(enc)):
             gold = int(enc.labels[i])
@@ -196,7 +196,6 @@ def write_predictions(path: Path, spec: TaskSpec, dataset: EncodedDataset, logit
             if race:
                 row.append(RACE_LEVELS[int(enc.levels[i])])
             f.write("\t".join(row) + "\n")
-    os.replace(tmp, path)
     labels = enc.labels
     result = {"acc": M.accuracy(pred.tolist(), labels.tolist())}
     if spec.kind == "binary":

@@ -3,12 +3,12 @@ approximations (THEORY.md section 1): r_relu ~ 0.7 r + 0.3 r^2 and
 r_ffn ~ 1/pi + r/2 + (1/2 - 1/pi) r^2. Writes one PNG per map and prints the largest error."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from dslm import theory
+from dslm.files import write_json_atomic
 
 MAPS = {
     "relu_correlation": ("ReLU output correlation", theory.relu_corr, theory.relu_corr_approx,
@@ -58,5 +58,5 @@ def run(args) -> int:
         s = summary[key]
         print(f"{title}: max |approx - exact| = {s['max_abs_error']:.4f} at r = {s['at_r']:.3f} "
               f"(r >= 0: {s['max_abs_error_r_ge_0']:.4f} at r = {s['at_r_ge_0']:.3f}) -> {path}")
-    (out / "approximations.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(out / "approximations.json", summary)
     return 0

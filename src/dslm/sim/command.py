@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from dslm.errors import UsageError
+from dslm.files import write_text_atomic
 from dslm.runtime import resolve_device
 from dslm.sim.components import COMPONENTS
 from dslm.sim.runner import (FUSED_MODES, GRIDS, PRECISIONS, format_report, load_grid_file, resolve_fused,
@@ -101,12 +101,9 @@ def run(args) -> int:
         record = {"grid": args.grid, "device": str(device), "precision": precision, "fused": fused,
                   "seed": args.seed,
                   "total_seconds": total, "startup_seconds": startup, "components": results}
-        tmp = out.with_name(out.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, out)
+            write_text_atomic(out, json.dumps(record))
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise UsageError(f"--json {out}: cannot write ({e.strerror or e})") from None
         print(f"wrote {out}")
     return 0

@@ -27,7 +27,7 @@ import math
 import statistics
 from pathlib import Path
 
-from dslm.data.files import write_json_atomic, write_text_atomic
+from dslm.files import write_json_atomic, write_text_atomic
 from dslm.study.spec import Spec, cell_search, run_loss
 
 STALL_MARGIN = 0.1

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dslm.data.files import write_json_atomic
+from dslm.files import write_json_atomic
 from dslm.data.manifest import read_manifest
 from dslm.data.store import BIN_FILE
 from dslm.errors import UsageError

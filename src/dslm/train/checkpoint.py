@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dslm.data.files import fsync_path
+from dslm.files import fsync_path
 from dslm.errors import UsageError
 from dslm.train import distributed as D
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dslm.data.files import copy_atomic
+from dslm.files import copy_atomic
 from dslm.errors import UsageError
 from dslm.train import checkpoint as ckpt_io
 from dslm.train import distributed as D

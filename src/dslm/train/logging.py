@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from dslm.data.files import write_text_atomic
+from dslm.files import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"

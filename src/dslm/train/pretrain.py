@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dslm.data.files import write_text_atomic
+from dslm.files import write_text_atomic
 from dslm.errors import UsageError
 from dslm.model import BertConfig, BertForPreTraining
 from dslm.model.flags import add_model_arguments, config_from_args
