@@ -80,3 +80,21 @@ def test_a_refused_pretrain_leaves_the_other_runs_vocabulary(tmp_path, capsys):
     code, err = _run(capsys, *tiny, "--out-dir", str(tmp_path / "fresh"))
     assert code == 0, err
     assert (tmp_path / "fresh" / "vocab.txt").read_bytes() == (data / "vocab.txt").read_bytes()
+
+
+def test_config_errors_name_flags_on_the_command_line(tmp_path, capsys):
+    """The engine raises ConfigError with field names; the CLI prints the flags the user typed."""
+    code, err = _run(capsys, "pretrain", "--preset", "tiny", "--device", "cpu", "--steps", "2", "--keep-last", "0",
+                     "--out-dir", str(tmp_path / "run"))
+    assert code == 2 and err.strip() == "dslm pretrain: error: --keep-last 0: must be >= 1"
+    code, err = _run(capsys, "pretrain", "--preset", "tiny", "--device", "cpu", "--steps", "2",
+                     "--load", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "run"))
+    assert code == 2 and f"--load {tmp_path / 'nothing'}: no such checkpoint or directory" in err
+
+
+def test_config_error_renders_fields_and_flags():
+    from dslm.errors import ConfigError
+
+    e = ConfigError("{global_batch} 6 is not a multiple of {micro_batch} 4 (saved {'a': 1})")
+    assert str(e) == "global_batch 6 is not a multiple of micro_batch 4 (saved {'a': 1})"
+    assert e.for_cli() == "--global-batch 6 is not a multiple of --micro-batch 4 (saved {'a': 1})"

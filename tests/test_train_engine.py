@@ -381,10 +381,13 @@ def test_clipping_folded_into_fused_adamw_equals_clip_then_step(scale):
 @pytest.mark.parametrize("field, value, flag", [("keep_last", 0, "--keep-last 0"), ("eval_batch", 0, "--eval-batch 0"),
                                                 ("stop_at", 0, "--stop-at 0"), ("save_every", -1, "--save-every -1")])
 def test_flags_that_would_lose_work_or_mean_nothing_are_refused(tmp_path, field, value, flag):
+    """The library names the config field, the CLI the flag."""
+    from dslm.errors import ConfigError
     from dslm.train.engine import validate
 
-    with pytest.raises(UsageError, match=f"^{flag}: must be"):
+    with pytest.raises(ConfigError, match=f"^{field} {value}: must be") as e:
         validate(cfg(tmp_path, **{field: value}))
+    assert e.value.for_cli().startswith(f"{flag}: must be")
     validate(cfg(tmp_path, **{field: 1}))
 
 
@@ -398,7 +401,7 @@ def test_a_fresh_run_does_not_take_over_another_runs_folder(tmp_path):
     (run / "checkpoints" / "step_00000010").mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"step": 10}\n')
     (run / "vocab.txt").write_text("[PAD]\n")
-    with pytest.raises(UsageError, match=r"already holds a run \(checkpoints, metrics.jsonl\); resume it with --load"):
+    with pytest.raises(UsageError, match=r"already holds a run \(checkpoints, metrics.jsonl\); resume it with load"):
         claim_run_dir(run, overwrite=False)
     assert (run / "checkpoints" / "step_00000010").is_dir() and (run / "metrics.jsonl").is_file()
     claim_run_dir(run, overwrite=True)

@@ -77,10 +77,10 @@ def test_graphed_dropout_draws_fresh_masks_and_resumes(data, tmp_path):
 
 
 def test_cuda_graphs_need_one_gpu_process(data, tmp_path):
-    with pytest.raises(UsageError, match="--cuda-graphs needs one process on a CUDA device"):
+    with pytest.raises(UsageError, match="cuda_graphs needs one process on a CUDA device"):
         train(task(data), cfg(tmp_path / "cpu", device="cpu", cuda_graphs=True))
 
 
 def test_cuda_graphs_and_compile_are_exclusive(data, tmp_path):
-    with pytest.raises(UsageError, match="--cuda-graphs cannot be combined with --compile"):
+    with pytest.raises(UsageError, match="cuda_graphs cannot be combined with compile"):
         train(task(data), cfg(tmp_path / "both", device="cpu", cuda_graphs=True, compile=True))

@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from dslm.errors import UsageError
+from dslm.errors import ConfigError, UsageError
 
 # subcommand -> (module implementing it, one-line help); a module is imported only when its
 # subcommand runs, so a slow or broken import never affects another job.
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if not argv else 2
         return int(args._run(args) or 0)
     except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e.for_cli() if isinstance(e, ConfigError) else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -48,7 +48,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from tqdm import tqdm
 
 from dslm.files import sha256_file, write_json_atomic
-from dslm.errors import UsageError
+from dslm.errors import ConfigError, UsageError
 
 DEFAULT_PACKAGE_CACHE = Path("outputs") / "data" / "packages"
 PACKAGE_CORPUS = "corpus.jsonl.gz"
@@ -108,9 +108,9 @@ def resolve_package_sources(names: Sequence[str]) -> list[PackageSource]:
     chosen: list[str] = []
     for name in names:
         if not is_package_source(name):
-            raise UsageError(f"--source {name}: not a Debian package source (expected one of "
-                             f"{', '.join([*PACKAGE_SOURCES, *ALIASES])}); several --source names are "
-                             "allowed only for these")
+            raise ConfigError(f"{{source}} {name}: not a Debian package source (expected one of "
+                              f"{', '.join([*PACKAGE_SOURCES, *ALIASES])}); several {{source}} names are "
+                              "allowed only for these")
         for part in ALIASES.get(name, (name,)):
             if part not in chosen:
                 chosen.append(part)
@@ -129,19 +129,19 @@ def locate_debs(sources: Sequence[PackageSource], cache: Path, given: Sequence[s
     found: dict[str, Path] = {}
     for path in map(Path, given):
         if not path.is_file():
-            raise UsageError(f"--deb {path}: no such file")
+            raise ConfigError(f"{{deb}} {path}: no such file")
         package = read_control(path).get("Package", "")
         if package not in wanted:
-            raise UsageError(f"--deb {path}: holds package {package or '(none)'}, which no chosen source reads "
-                             f"(they read {', '.join(sorted(wanted))})")
+            raise ConfigError(f"{{deb}} {path}: holds package {package or '(none)'}, which no chosen source reads "
+                              f"(they read {', '.join(sorted(wanted))})")
         found[package] = path
     for source in sources:
         if source.package in found:
             continue
         cached = sorted(cache.glob(f"{source.package}_*.deb")) if cache.is_dir() else []
         if len(cached) > 1:
-            raise UsageError(f"{cache}: several .deb files of {source.package} ({', '.join(p.name for p in cached)}); "
-                             "keep one or name it with --deb")
+            raise ConfigError(f"{cache}: several .deb files of {source.package} ({', '.join(p.name for p in cached)}); "
+                              "keep one or name it with {deb}")
         found[source.package] = cached[0] if cached else download(source.package, cache)
     return found
 
@@ -767,8 +767,8 @@ def read_source(source: PackageSource, deb: Path, seen: set[bytes], progress: bo
     ``{"title", "text"}`` documents, ordered by path."""
     control = read_control(deb)
     if control.get("Package") != source.package:
-        raise UsageError(f"{deb}: holds package {control.get('Package') or '(none)'}, "
-                         f"--source {source.name} reads {source.package}")
+        raise ConfigError(f"{deb}: holds package {control.get('Package') or '(none)'}, "
+                          f"{{source}} {source.name} reads {source.package}")
     copyright_path = f"usr/share/doc/{source.package}/copyright"
     wanted = member_filter(source)
     copyright_text, raw = None, []

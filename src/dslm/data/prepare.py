@@ -50,7 +50,7 @@ from dslm.data.split import DEFAULT_SPLIT, SPLITS, split_counts, split_documents
 from dslm.data.store import BIN_FILE, IDX_FILE, TokenStore, TokenStoreWriter, token_dtype
 from dslm.data.vocab import (SPECIAL_TOKENS, VOCAB_FILE, SpecialIds, Tokenizer, read_vocab, require_tokenizers,
                               train_vocab, write_vocab)
-from dslm.errors import UsageError
+from dslm.errors import ConfigError, UsageError
 
 REMOTE_CORPUS = "corpus.jsonl"
 DEFAULT_VOCAB_SIZE = 30522
@@ -84,19 +84,19 @@ def prepare_dataset(out_dir: str | Path, source: str | Sequence[str] = "embedded
     src = resolve_source(source)
     check_remote_available(src)
     if debs and src.kind != "packages":
-        raise UsageError("--deb applies only to Debian package sources "
-                         f"({', '.join(PACKAGE_SOURCES)}, english)")
+        raise ConfigError("{deb} applies only to Debian package sources "
+                          f"({', '.join(PACKAGE_SOURCES)}, english)")
     packages = (Path(package_cache) if package_cache is not None else DEFAULT_PACKAGE_CACHE, tuple(debs))
     if vocab is None and vocab_size is None and src.kind == "embedded":
         vocab = EMBEDDED_VOCAB
     vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
     if vocab_size <= len(SPECIAL_TOKENS):
-        raise UsageError(f"--vocab-size {vocab_size}: too small")
+        raise ConfigError(f"{{vocab_size}} {vocab_size}: too small")
     given_vocab = read_vocab(vocab) if vocab is not None else None
     request = {"source": src.name, "split": list(split),
                "vocab": {"sha256": sha256_file(Path(vocab))} if vocab is not None else {"trained_size": vocab_size}}
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
+        raise ConfigError(f"{{out}} {out}: exists and is not a folder")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
@@ -148,12 +148,12 @@ def _finished(out: Path, request: dict, force: bool) -> dict | None:
         return None
     manifest = read_manifest(out)
     if manifest["request"] != request:
-        raise UsageError(f"{out}: already holds a dataset prepared from {manifest['request']['source']} "
-                         "with other settings; choose another --out or pass --force")
+        raise ConfigError(f"{out}: already holds a dataset prepared from {manifest['request']['source']} "
+                          "with other settings; choose another {out} or pass {force}")
     try:
         check_files(out, manifest, checksums=True)
     except UsageError as e:
-        raise UsageError(f"{e}; pass --force to prepare it again") from None
+        raise ConfigError(f"{e}; pass {{force}} to prepare it again") from None
     return manifest
 
 

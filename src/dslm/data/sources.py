@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Sequence
 from tqdm import tqdm
 
 from dslm.data.packages import is_package_source, resolve_package_sources
-from dslm.errors import UsageError
+from dslm.errors import ConfigError, UsageError
 
 EMBEDDED_CORPUS = Path(__file__).resolve().parent / "embedded_corpus.jsonl.gz"
 EMBEDDED_VOCAB = Path(__file__).resolve().parent / "embedded_vocab.txt"
@@ -50,7 +50,7 @@ def resolve_source(spec: str | Sequence[str]) -> Source:
     holds files of a supported format. Several values are allowed for Debian package sources only."""
     names = [spec] if isinstance(spec, str) else list(spec)
     if not names:
-        raise UsageError("--source: no source given")
+        raise ConfigError("{source}: no source given")
     if len(names) > 1 or is_package_source(names[0]):
         chosen = resolve_package_sources(names)
         return Source("packages", "+".join(names), packages=tuple(s.name for s in chosen))
@@ -68,8 +68,8 @@ def resolve_source(spec: str | Sequence[str]) -> Source:
             raise UsageError(f"{path}: folder holds no {'/'.join(LOCAL_SUFFIXES)} files")
         return Source("path", str(path.resolve()), files)
     if not path.exists():
-        raise UsageError(f"--source {spec}: no such file or folder (expected embedded, tfds, hf, a Debian "
-                         "package source such as english, or a path)")
+        raise ConfigError(f"{{source}} {spec}: no such file or folder (expected embedded, tfds, hf, a Debian "
+                          "package source such as english, or a path)")
     if not path.name.endswith(LOCAL_SUFFIXES):
         raise UsageError(f"{path}: unsupported file type (expected {', '.join(LOCAL_SUFFIXES)})")
     return Source("path", str(path.resolve()), (path.resolve(),))

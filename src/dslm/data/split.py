@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dslm.errors import UsageError
+from dslm.errors import ConfigError
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_SPLIT = (980, 10, 10)
@@ -26,8 +26,8 @@ def parse_split(spec: str) -> tuple[int, int, int]:
     except ValueError:
         weights = ()
     if len(weights) != 3 or min(weights) < 0 or weights[0] == 0:
-        raise UsageError(f"--split {spec}: expected three non-negative integers train,valid,test "
-                         "with train > 0, e.g. 980,10,10")
+        raise ConfigError(f"{{split}} {spec}: expected three non-negative integers train,valid,test "
+                          "with train > 0, e.g. 980,10,10")
     return weights
 
 

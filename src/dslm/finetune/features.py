@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dslm.errors import UsageError
+from dslm.errors import ConfigError, UsageError
 from dslm.files import atomic_output
 
 CACHE_VERSION = 1
@@ -71,7 +71,7 @@ def build_pair_arrays(ids_a: list, ids_b: list, cls_id: int, sep_id: int, max_le
     """``[CLS] a [SEP] b [SEP]`` for each pair with the tail-first truncation; returns
     (flat ids int32, offsets int64, seg0 int32)."""
     if max_len < 4:
-        raise UsageError(f"--max-len {max_len}: must be >= 4")
+        raise ConfigError(f"{{max_len}} {max_len}: must be >= 4")
     budget = max_len - 3
     flat: list[int] = []
     lengths = np.empty(len(ids_a), dtype=np.int64)

@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dslm.errors import UsageError
+from dslm.errors import ConfigError, UsageError
 
 MNLI_LABELS = ("entailment", "neutral", "contradiction")   # the HF glue/mnli ids 0, 1, 2
 QQP_LABELS = ("not_duplicate", "duplicate")                 # is_duplicate 0 / 1
@@ -213,10 +213,10 @@ def read_qqp_tsv(path: str | Path, labelled: bool = True) -> PairData:
 def glue_split_path(task: str, data: str | Path, split: str) -> Path:
     folder = Path(data)
     if not folder.exists():
-        raise UsageError(f"--data {folder}: no such directory")
+        raise ConfigError(f"{{data}} {folder}: no such directory")
     if not folder.is_dir():
-        raise UsageError(f"--data {folder}: expected the {task.upper()} folder of GLUE (with "
-                         f"{', '.join(GLUE_FILES[task].values())})")
+        raise ConfigError(f"{{data}} {folder}: expected the {task.upper()} folder of GLUE (with "
+                          f"{', '.join(GLUE_FILES[task].values())})")
     return folder / GLUE_FILES[task][split]
 
 
@@ -280,10 +280,10 @@ def read_race_tree(root: str | Path, split: str, levels: tuple[str, ...] = RACE_
     hashes every file's name, size and content."""
     root = Path(root)
     if not root.is_dir():
-        raise UsageError(f"--data {root}: no such directory (expected the RACE folder with train/dev/test)")
+        raise ConfigError(f"{{data}} {root}: no such directory (expected the RACE folder with train/dev/test)")
     split_dir = root / split
     if not split_dir.is_dir():
-        raise UsageError(f"--data {root}: no '{split}' folder (expected RACE's train/dev/test/{{middle,high}})")
+        raise ConfigError(f"{{data}} {root}: no '{split}' folder (expected RACE's train/dev/test/{{middle,high}})")
     report = ReadReport(str(split_dir))
     questions: list[RaceQuestion] = []
     h = hashlib.sha256()
@@ -320,12 +320,12 @@ def _hf_load(path: str, name: str, split: str):
     try:
         import datasets
     except ImportError:
-        raise UsageError("--data hf needs the 'datasets' package: pip install datasets") from None
+        raise ConfigError("{data} hf needs the 'datasets' package: pip install datasets") from None
     try:
         return datasets.load_dataset(path, name, split=split)
     except Exception as e:  # noqa: BLE001 - network, missing config, ...: one line for the user
         msg = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
-        raise UsageError(f"--data hf: cannot load {path} ({name}, split {split}): {msg}") from None
+        raise ConfigError(f"{{data}} hf: cannot load {path} ({name}, split {split}): {msg}") from None
 
 
 def _hf_columns(ds, names: list[str], where: str) -> dict[str, list]:

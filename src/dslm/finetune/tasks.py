@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dslm.errors import UsageError
+from dslm.errors import ConfigError, UsageError
 from dslm.finetune import metrics as M
 from dslm.finetune.features import (EncodedDataset, cache_key, cached_encode, encode_pairs, encode_race)
 from dslm.finetune.readers import (MNLI_LABELS, QQP_LABELS, RACE_LETTERS, RACE_LEVELS, ReadReport, file_checksum,
@@ -85,7 +85,7 @@ def load_split(spec: TaskSpec, data: str, split: str, tokenizer, max_len: int, q
         task = "qqp" if spec.name == "qqp" else "mnli"
         if hf:
             if spec.name == "demo":
-                raise UsageError("--data hf: the demo task reads its shipped files (leave --data out)")
+                raise ConfigError("{data} hf: the demo task reads its shipped files (leave {data} out)")
             pairs = read_hf_pairs(task, split)
             fingerprint = pairs.fingerprint
         else:

@@ -36,11 +36,11 @@ def compare(points: int = 401) -> dict:
 
 
 def run(args) -> int:
-    from dslm.errors import UsageError
+    from dslm.errors import ConfigError
     from dslm.plotting import plt, save
 
     if args.points < 3:
-        raise UsageError("--points must be >= 3")
+        raise ConfigError("{points} must be >= 3")
     out = Path(args.out)
     r = np.linspace(-1.0, 1.0, args.points)
     summary = compare(args.points)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dslm.errors import UsageError
+from dslm.errors import ConfigError, UsageError
 from dslm.sim.components import COMPONENTS, Component
 from dslm.sim.estimators import percentiles, relative_error
 
@@ -113,13 +113,13 @@ def resolve_fused(mode: str, device: torch.device) -> bool:
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return False                # decided without importing Triton (a second of CPU start-up)
     if device.type != "cuda":
-        raise UsageError("--fused on needs --device cuda (the fused kernels are Triton GPU kernels)")
+        raise ConfigError("{fused} on needs {device} cuda (the fused kernels are Triton GPU kernels)")
     try:
         import triton  # noqa: F401
     except Exception:               # not installed, or an install that does not import
         if mode == "auto":
             return False
-        raise UsageError("--fused on needs the triton package (pip install triton)") from None
+        raise ConfigError("{fused} on needs the triton package (pip install triton)") from None
     return True
 
 

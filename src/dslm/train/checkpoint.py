@@ -18,7 +18,8 @@ old folder aside to ``.old-step_...`` first and deletes it only after the new on
 crash between the two renames leaves the old one aside, and it is put back by the next
 :func:`save` or :func:`resolve`. Only the newest ``keep_last`` are kept. :func:`load` checks the
 metadata against the current run and turns any unreadable, truncated, unsafe or incompatible file
-into a one-line :class:`~dslm.errors.UsageError`.
+into a one-line :class:`~dslm.errors.ConfigError` naming the ``load`` field (``--load`` on the
+command line).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from dslm.files import fsync_path
-from dslm.errors import UsageError
+from dslm.errors import ConfigError
 from dslm.train import distributed as D
 
 FORMAT = "dslm-train-checkpoint"
@@ -178,7 +179,7 @@ def resolve(path: str | Path) -> Path:
     if p.name.startswith("step_"):
         recover(p.parent)
     if not p.exists():
-        raise UsageError(f"--load {p}: no such checkpoint or directory")
+        raise ConfigError(f"{{load}} {p}: no such checkpoint or directory")
     if (p / META).is_file() or (p / TRAINER).is_file():
         return p
     for root in (p, p / "checkpoints"):
@@ -186,20 +187,20 @@ def resolve(path: str | Path) -> Path:
         dirs = step_dirs(root)
         if dirs:
             return dirs[-1]
-    raise UsageError(f"--load {p}: no checkpoint (step_* directory with {META}) found there")
+    raise ConfigError(f"{{load}} {p}: no checkpoint (step_* directory with {META}) found there")
 
 
 def read_meta(ckpt: Path) -> dict:
     try:
         meta = json.loads((ckpt / META).read_text())
     except FileNotFoundError:
-        raise UsageError(f"--load {ckpt}: {META} is missing (incomplete or not a dslm checkpoint)") from None
+        raise ConfigError(f"{{load}} {ckpt}: {META} is missing (incomplete or not a dslm checkpoint)") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"--load {ckpt / META}: corrupt ({e.__class__.__name__})") from None
+        raise ConfigError(f"{{load}} {ckpt / META}: corrupt ({e.__class__.__name__})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UsageError(f"--load {ckpt}: not a dslm training checkpoint")
+        raise ConfigError(f"{{load}} {ckpt}: not a dslm training checkpoint")
     if meta.get("version") != VERSION:
-        raise UsageError(f"--load {ckpt}: checkpoint format version {meta.get('version')}, this dslm reads {VERSION}")
+        raise ConfigError(f"{{load}} {ckpt}: checkpoint format version {meta.get('version')}, this dslm reads {VERSION}")
     return meta
 
 
@@ -213,10 +214,10 @@ def check_compatible(meta: dict, expected: dict, ckpt: Path) -> None:
             diff = sorted(k for k in set(value) | set(saved) if value.get(k) != saved.get(k))
             if diff:
                 k = diff[0]
-                raise UsageError(f"--load {ckpt}: incompatible {key}: {k} is {saved.get(k)!r} in the checkpoint, "
-                                 f"{value.get(k)!r} in this run")
+                raise ConfigError(f"{{load}} {ckpt}: incompatible {key}: {k} is {saved.get(k)!r} in the checkpoint, "
+                                  f"{value.get(k)!r} in this run")
         elif saved != value:
-            raise UsageError(f"--load {ckpt}: incompatible {key}: {saved!r} in the checkpoint, {value!r} in this run")
+            raise ConfigError(f"{{load}} {ckpt}: incompatible {key}: {saved!r} in the checkpoint, {value!r} in this run")
 
 
 def _numpy_array_globals() -> list:
@@ -239,18 +240,18 @@ def _torch_load(path: Path):
         with allow:
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UsageError(f"--load {path}: file missing (incomplete checkpoint)") from None
+        raise ConfigError(f"{{load}} {path}: file missing (incomplete checkpoint)") from None
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
             found = re.search(r"GLOBAL (\S+)", str(e))
             if found:
-                raise UsageError(f"--load {path}: refused: it holds {found.group(1)}, which a dslm checkpoint never "
-                                 f"does (unpickling it could run code)") from None
-            raise UsageError(f"--load {path}: corrupt, or holds more than tensors and plain containers "
-                             f"(refused: unpickling it could run code)") from None
-        raise UsageError(f"--load {path}: corrupt or unreadable ({e.__class__.__name__})") from None
+                raise ConfigError(f"{{load}} {path}: refused: it holds {found.group(1)}, which a dslm checkpoint never "
+                                  f"does (unpickling it could run code)") from None
+            raise ConfigError(f"{{load}} {path}: corrupt, or holds more than tensors and plain containers "
+                              f"(refused: unpickling it could run code)") from None
+        raise ConfigError(f"{{load}} {path}: corrupt or unreadable ({e.__class__.__name__})") from None
     except Exception as e:  # noqa: BLE001 - any other unpickling failure means the file is damaged
-        raise UsageError(f"--load {path}: corrupt or unreadable ({e.__class__.__name__})") from None
+        raise ConfigError(f"{{load}} {path}: corrupt or unreadable ({e.__class__.__name__})") from None
 
 
 def load(path: str | Path, model, optimizer, scheduler, env: D.DistEnv, expected: dict) -> tuple[Path, dict, dict]:
@@ -265,9 +266,9 @@ def load(path: str | Path, model, optimizer, scheduler, env: D.DistEnv, expected
     try:
         weights = load_file(str(ckpt / WEIGHTS))
     except FileNotFoundError:
-        raise UsageError(f"--load {ckpt / WEIGHTS}: file missing (incomplete checkpoint)") from None
+        raise ConfigError(f"{{load}} {ckpt / WEIGHTS}: file missing (incomplete checkpoint)") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UsageError(f"--load {ckpt / WEIGHTS}: corrupt or unreadable ({str(e).splitlines()[0][:120]})") from None
+        raise ConfigError(f"{{load}} {ckpt / WEIGHTS}: corrupt or unreadable ({str(e).splitlines()[0][:120]})") from None
     trainer = _torch_load(ckpt / TRAINER)
     rng_file = ckpt / f"rng_rank{env.rank}.pt"
     trainer["rng"] = _torch_load(rng_file) if rng_file.is_file() else None
@@ -285,13 +286,13 @@ def load(path: str | Path, model, optimizer, scheduler, env: D.DistEnv, expected
             tied = {k for k in missing if _is_tied(inner, k)}
             if set(missing) - tied or set(weights) - set(inner.state_dict()):
                 extra = sorted(set(weights) - set(inner.state_dict()))
-                raise UsageError(f"--load {ckpt}: weights do not match the model (missing "
-                                 f"{sorted(set(missing) - tied)[:3]}, unexpected {extra[:3]})")
+                raise ConfigError(f"{{load}} {ckpt}: weights do not match the model (missing "
+                                  f"{sorted(set(missing) - tied)[:3]}, unexpected {extra[:3]})")
             inner.load_state_dict(weights, strict=False)
             optimizer.load_state_dict(trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
     except (KeyError, ValueError, RuntimeError) as e:
-        raise UsageError(f"--load {ckpt}: incompatible with this run ({str(e).splitlines()[0][:160]})") from None
+        raise ConfigError(f"{{load}} {ckpt}: incompatible with this run ({str(e).splitlines()[0][:160]})") from None
     return ckpt, meta, trainer
 
 

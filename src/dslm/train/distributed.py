@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dslm.errors import UsageError
+from dslm.errors import ConfigError, UsageError
 
 
 @dataclass
@@ -67,11 +67,11 @@ def _int_env(name: str, default: int) -> int:
 def setup(device: str = "auto") -> DistEnv:
     """Detect torchrun, choose the device, start the process group (idempotent)."""
     if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device {device!r}: expected auto, cpu or cuda")
+        raise ConfigError(f"{{device}} {device!r}: expected auto, cpu or cuda")
     rank, world, local = _int_env("RANK", 0), _int_env("WORLD_SIZE", 1), _int_env("LOCAL_RANK", 0)
     use_cuda = torch.cuda.is_available() and device != "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible")
+        raise ConfigError("{device} cuda: no CUDA device is visible")
     if use_cuda:
         if local >= torch.cuda.device_count():
             raise UsageError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices are visible")

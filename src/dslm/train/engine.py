@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from dslm.files import copy_atomic
-from dslm.errors import UsageError
+from dslm.errors import ConfigError
 from dslm.train import checkpoint as ckpt_io
 from dslm.train import distributed as D
 from dslm.train.loader import default_loader
@@ -193,8 +193,8 @@ def claim_run_dir(out_dir: Path, overwrite: bool) -> None:
     if not found:
         return
     if not overwrite:
-        raise UsageError(f"--out-dir {out_dir} already holds a run ({', '.join(found)}); resume it with --load "
-                         f"{out_dir}, choose another --out-dir, or pass --overwrite to replace it")
+        raise ConfigError(f"{{out_dir}} {out_dir} already holds a run ({', '.join(found)}); resume it with {{load}} "
+                          f"{out_dir}, choose another {{out_dir}}, or pass {{overwrite}} to replace it")
     for name in found:
         path = out_dir / name
         if path.is_dir():
@@ -214,45 +214,45 @@ def exit_status(result: dict) -> int:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Raise a one-line UsageError naming the flag of an impossible value."""
-    def bad(flag, msg):
-        raise UsageError(f"--{flag} {msg}")
+    """Raise a one-line :class:`ConfigError` naming the field of an impossible value."""
+    def bad(field, msg):
+        raise ConfigError(f"{{{field}}} {msg}")
 
     if cfg.steps is None and cfg.epochs is None:
-        bad("steps", "or --epochs is required")
+        bad("steps", "or {epochs} is required")
     if cfg.steps is not None and cfg.steps < 1:
         bad("steps", f"{cfg.steps}: must be >= 1")
     if cfg.epochs is not None and not cfg.epochs > 0:
         bad("epochs", f"{cfg.epochs}: must be > 0")
     if cfg.global_batch < 1:
-        bad("global-batch", f"{cfg.global_batch}: must be >= 1")
+        bad("global_batch", f"{cfg.global_batch}: must be >= 1")
     if cfg.micro_batch is not None and cfg.micro_batch < 1:
-        bad("micro-batch", f"{cfg.micro_batch}: must be >= 1")
+        bad("micro_batch", f"{cfg.micro_batch}: must be >= 1")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         bad("lr", f"{cfg.lr}: must be a positive number")
     if cfg.warmup < 0:
         bad("warmup", f"{cfg.warmup}: must be >= 0")
     if cfg.weight_decay < 0:
-        bad("weight-decay", f"{cfg.weight_decay}: must be >= 0")
+        bad("weight_decay", f"{cfg.weight_decay}: must be >= 0")
     if cfg.precision not in PRECISIONS:
         bad("precision", f"{cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
     for name in ("eval_every", "save_every", "num_workers"):
         if getattr(cfg, name) < 0:
-            bad(name.replace("_", "-"), f"{getattr(cfg, name)}: must be >= 0")
+            bad(name, f"{getattr(cfg, name)}: must be >= 0")
     # keep_last 0 would delete every checkpoint it writes; eval_batch 0 and stop_at 0 mean nothing
     for name in ("log_every", "max_bad_steps", "keep_last", "eval_batch", "stop_at"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
-            bad(name.replace("_", "-"), f"{value}: must be >= 1")
+            bad(name, f"{value}: must be >= 1")
     if cfg.eval_iters is not None and cfg.eval_iters < 1:
-        bad("eval-iters", f"{cfg.eval_iters}: must be >= 1 or 'all'")
+        bad("eval_iters", f"{cfg.eval_iters}: must be >= 1 or 'all'")
     if cfg.device not in ("auto", "cpu", "cuda"):
         bad("device", f"{cfg.device!r}: expected auto, cpu or cuda")
     if cfg.cuda_graphs and cfg.compile:
-        bad("cuda-graphs", "cannot be combined with --compile (capturing Inductor's random-number kernels in a "
+        bad("cuda_graphs", "cannot be combined with {compile} (capturing Inductor's random-number kernels in a "
                            "CUDA graph fails); use one of them")
     if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1 and cfg.adam_eps > 0):
-        bad("adam-beta1", "and --adam-beta2 must be in [0, 1), --adam-eps > 0")
+        bad("adam_beta1", "and {adam_beta2} must be in [0, 1), {adam_eps} > 0")
 
 
 def peak_flops(device: torch.device, precision: str, override_tflops: float | None = None) -> float | None:
@@ -436,8 +436,8 @@ class _Lagged:
 def _accumulation(cfg: TrainConfig, world: int) -> tuple[int, int]:
     micro = cfg.micro_batch or max(1, cfg.global_batch // world)
     if cfg.global_batch % (micro * world):
-        raise UsageError(f"--global-batch {cfg.global_batch} is not a multiple of --micro-batch {micro} x "
-                         f"{world} ranks")
+        raise ConfigError(f"{{global_batch}} {cfg.global_batch} is not a multiple of {{micro_batch}} {micro} x "
+                          f"{world} ranks")
     return micro, cfg.global_batch // (micro * world)
 
 
@@ -507,8 +507,8 @@ class Trainer:
         self.device, self.world = env.device, env.world_size
         self.micro, self.accum = _accumulation(cfg, self.world)
         if cfg.cuda_graphs and (self.device.type != "cuda" or self.world > 1 or cfg.fsdp):
-            raise UsageError("--cuda-graphs needs one process on a CUDA device (no --fsdp, no torchrun ranks); "
-                             f"this run has {self.world} x {self.device.type}{' with --fsdp' if cfg.fsdp else ''}")
+            raise ConfigError("{cuda_graphs} needs one process on a CUDA device (no {fsdp}, no torchrun ranks); "
+                              f"this run has {self.world} x {self.device.type}{' with fsdp' if cfg.fsdp else ''}")
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
 
@@ -571,11 +571,11 @@ class Trainer:
         path, saved, state = ckpt_io.load(path, self.model, self.optimizer, self.scheduler, self.env, expected)
         start, counters = int(saved["step"]), state.get("counters", {})
         if start > self.total:
-            raise UsageError(f"--load {path}: checkpoint is at step {start}, past --steps {self.total}")
+            raise ConfigError(f"{{load}} {path}: checkpoint is at step {start}, past {{steps}} {self.total}")
         newer = [p for p in ckpt_io.step_dirs(self.ckpt_root) if int(p.name[5:]) > start]
         if newer:
-            raise UsageError(f"--load {path}: {self.ckpt_root} already holds a later checkpoint ({newer[-1].name}); "
-                             f"load that one, or write this run to another --out-dir")
+            raise ConfigError(f"{{load}} {path}: {self.ckpt_root} already holds a later checkpoint ({newer[-1].name}); "
+                              "load that one, or write this run to another {out_dir}")
         self.step, self._rng = start, state.get("rng")
         self.skipped, self.consecutive = counters.get("skipped", 0), counters.get("consecutive", 0)
         self._owns_out_dir = True

@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from dslm.errors import UsageError
+from dslm.errors import ConfigError
 
 
 class GraphedStep:
@@ -56,9 +56,9 @@ class GraphedStep:
 
     def __init__(self, optimizer: torch.optim.Optimizer, micro_fn: Callable[[dict], None], step_fn: Callable[[], torch.Tensor], warmup: int = 3):
         if not torch.cuda.is_available():
-            raise UsageError("--cuda-graphs needs a CUDA device")
+            raise ConfigError("{cuda_graphs} needs a CUDA device")
         if not optimizer.defaults.get("fused"):
-            raise UsageError("--cuda-graphs needs the fused AdamW optimizer")
+            raise ConfigError("{cuda_graphs} needs the fused AdamW optimizer")
         self.optimizer = optimizer
         self.micro_fn, self.step_fn = micro_fn, step_fn
         self.warmup = max(1, warmup)
@@ -85,7 +85,7 @@ class GraphedStep:
     def micro_step(self, batch: dict) -> None:
         if self.static_batch is None:
             if not all(torch.is_tensor(v) for v in batch.values()):
-                raise UsageError("--cuda-graphs needs batches made only of tensors")
+                raise ConfigError("{cuda_graphs} needs batches made only of tensors")
             self.static_batch = {k: torch.empty_like(v, device="cuda") for k, v in batch.items()}
         self._check(batch)
         if not self.captured:
@@ -113,14 +113,14 @@ class GraphedStep:
     def _check(self, batch: dict) -> None:
         """Every batch must have the first one's keys, shapes and dtypes (the graph reads fixed buffers)."""
         if set(batch) != set(self.static_batch):
-            raise UsageError(f"--cuda-graphs needs every batch to have the same fields: got {sorted(batch)}, "
-                             f"the first batch had {sorted(self.static_batch)}")
+            raise ConfigError(f"{{cuda_graphs}} needs every batch to have the same fields: got {sorted(batch)}, "
+                              f"the first batch had {sorted(self.static_batch)}")
         for key, buf in self.static_batch.items():
             src = batch[key]
             if not torch.is_tensor(src) or src.shape != buf.shape or src.dtype != buf.dtype:
                 what = f"{tuple(src.shape)} {src.dtype}" if torch.is_tensor(src) else type(src).__name__
-                raise UsageError(f"--cuda-graphs needs every batch to have the same shapes: {key} is {what}, "
-                                 f"the first batch's {tuple(buf.shape)} {buf.dtype}")
+                raise ConfigError(f"{{cuda_graphs}} needs every batch to have the same shapes: {key} is {what}, "
+                                  f"the first batch's {tuple(buf.shape)} {buf.dtype}")
 
     def _capture(self) -> None:
         torch.cuda.synchronize()
