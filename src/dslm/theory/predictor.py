@@ -14,8 +14,8 @@ Forward. A signal is (variance, cross-token covariance) with zero mean, plus how
 norms fluctuate relative to a Gaussian's (``phi``): :func:`layernorm_corr`'s O(1/d) correction
 assumes a Gaussian input, whose token norms fluctuate; a Post-LN stream is mostly the previous
 LayerNorm's output, whose norms are fixed, and applying the full correction twice per layer would
-lose ~N/d of the correlation that the measurement keeps, so the correction is scaled by phi. Embeddings: three tables of
-std s_e, summed (variance 3 s_e^2, correlation r0), then dropout. A sub-layer is LayerNorm
+lose ~N/d of the correlation that the measurement keeps, so the correction is scaled by phi.
+Embeddings: three tables of std s_e, summed (variance 3 s_e^2, correlation r0), then dropout. A sub-layer is LayerNorm
 (:func:`layernorm`), the block, hidden dropout (:func:`dropout`) and the residual mix
 x <- lam x + beta block with the config's (lam^2, beta^2) (:meth:`BertConfig.residual_variances`:
 plain adds, DSLM scaling or DeepNorm's alpha), whose variances and covariances add (the block's
@@ -125,153 +125,169 @@ def predict(config, seq_len=None, batch_size=None, r0=None, lengths=None,
     of the gradient arriving at the top of the stack. ``ln_corr_mode`` / ``softmax_variant``: the
     component variants (see :func:`layernorm_corr`, :func:`softmax_var`).
     """
-    tokens, pairs, L = _token_counts(seq_len, batch_size, lengths)
-    d, d_f = config.hidden_size, config.ffn_size
-    d_h, N = config.head_dim, config.num_layers
-    p, pa = float(config.hidden_dropout), float(config.attention_dropout)
-    act = config.activation
-    lam2, beta2 = config.residual_variances()
-    stds = scheme_stds(config)
-    s_qk, s_f = stds["qk"], stds["ffn"]
-    r0 = float(config.r0 if r0 is None else r0)
-    pre = config.ln == "pre"
+    walk = _Walk(config, _token_counts(seq_len, batch_size, lengths), ln_corr_mode, softmax_variant)
+    emb, saved = walk.forward(float(config.r0 if r0 is None else r0))
+    g_var, g_corr, norms = walk.backward(saved, float(top_grad_corr))
+    return Prediction(
+        forward_variance=np.array([rec["out"].var for rec in saved]),
+        correlation=np.array([rec["out"].corr for rec in saved]),
+        grad_norm=np.sqrt(sum(v ** 2 for v in norms.values())), grad_norms=norms,
+        grad_variance=g_var, grad_correlation=g_corr,
+        embedding_variance=emb.var, embedding_correlation=emb.corr,
+        attention_input_correlation=np.array([rec["a"].corr for rec in saved]), seq_len=walk.L,
+    )
 
-    def ln(x: _Signal) -> _Signal:
-        m = layernorm(x.var, x.corr, d, corr_mode=ln_corr_mode)
-        if ln_corr_mode == "delta":
+
+class _Walk:
+    """One model's layer-by-layer walk: the forward pass saves each layer's signals, the backward
+    pass pushes the relative gradient down through them (see the module docstring)."""
+
+    def __init__(self, config, counts, ln_corr_mode: str, softmax_variant: str):
+        self.tokens, self.pairs, self.L = counts
+        self.d, self.d_f = config.hidden_size, config.ffn_size
+        self.d_h, self.N = config.head_dim, config.num_layers
+        self.p, self.pa = float(config.hidden_dropout), float(config.attention_dropout)
+        self.act, self.pre = config.activation, config.ln == "pre"
+        self.lam2, self.beta2 = config.residual_variances()
+        self.stds = scheme_stds(config)
+        self.s_qk, self.s_f = self.stds["qk"], self.stds["ffn"]
+        self.ln_corr_mode, self.softmax_variant = ln_corr_mode, softmax_variant
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, r0: float) -> tuple[_Signal, list[dict]]:
+        """The embedding signal and, per layer, its input ``x``, attention input ``a``, head output
+        ``y``, mid-layer stream ``h``, FFN input ``b`` and output stream ``out``."""
+        m = dropout(0.0, 3 * self.stds["embedding"] ** 2, r0, self.p)
+        emb = x = _Signal(m.var, m.cov)
+        saved = []
+        for i in range(self.N):
+            rec = self._layer_forward(x, i)
+            saved.append(rec)
+            x = rec["out"]
+        return emb, saved
+
+    def _layer_forward(self, x: _Signal, i: int) -> dict:
+        a = self._ln(x)
+        att, y = self._attention_forward(a, i)
+        h = _mix(x if self.pre else a, att, self.lam2, self.beta2)
+        b = self._ln(h)
+        out = _mix(h if self.pre else b, self._ffn_forward(b), self.lam2, self.beta2)
+        return {"x": x, "a": a, "y": y, "h": h, "b": b, "out": out}
+
+    def _ln(self, x: _Signal) -> _Signal:
+        m = layernorm(x.var, x.corr, self.d, corr_mode=self.ln_corr_mode)
+        if self.ln_corr_mode == "delta":
             # the O(1/d) loss comes from dividing by each token's random norm: scale it by how much
             # the input's token norms fluctuate (a Gaussian: phi 1; a LayerNorm output: phi 0)
             return _Signal(m.var, x.corr + x.phi * (m.cov - x.corr), 0.0)
         return _Signal(m.var, m.cov, 0.0)
 
-    # ---------------------------------------------------------------- forward, saving block inputs
-    emb = 3 * stds["embedding"] ** 2
-    m = dropout(0.0, emb, r0, p)
-    x = _Signal(m.var, m.cov)
-    emb_signal = x
-    saved = []  # per layer: what the backward pass and the weight gradients need
-
-    def attention_fwd(a: _Signal, i):
-        s_v, s_o = stds["v"][i], stds["attn_out"][i]
-        head = attention_head(a.var, a.corr, d, d_h, L, s_qk, s_qk, s_v, pa)
-        out = linear(0.0, head.var, head.cov / head.var, d, d, s_o ** 2)
-        m = dropout(0.0, out.var, out.cov / out.var, p)
+    def _attention_forward(self, a: _Signal, i: int) -> tuple[_Signal, _Signal]:
+        """(the block output after hidden dropout, the heads' concatenated output)."""
+        s_v, s_o = self.stds["v"][i], self.stds["attn_out"][i]
+        head = attention_head(a.var, a.corr, self.d, self.d_h, self.L, self.s_qk, self.s_qk, s_v, self.pa)
+        out = linear(0.0, head.var, head.cov / head.var, self.d, self.d, s_o ** 2)
+        m = dropout(0.0, out.var, out.cov / out.var, self.p)
         return _Signal(m.var, m.cov), _Signal(head.var, head.cov)
 
-    def ffn_fwd(b: _Signal):
-        blk = ffn_block(b.var, b.corr, d, d_f, s_f, s_f, activation=act)
-        m = dropout(0.0, blk.var, blk.cov / blk.var, p)
+    def _ffn_forward(self, b: _Signal) -> _Signal:
+        blk = ffn_block(b.var, b.corr, self.d, self.d_f, self.s_f, self.s_f, activation=self.act)
+        m = dropout(0.0, blk.var, blk.cov / blk.var, self.p)
         return _Signal(m.var, m.cov)
 
-    fwd_var, fwd_corr, attn_r = np.empty(N), np.empty(N), np.empty(N)
-    for i in range(N):
-        rec = {"x": x}
-        if pre:
-            a = ln(x)
-            att, y = attention_fwd(a, i)
-            h = _mix(x, att, lam2, beta2)
-            b = ln(h)
-            x = _mix(h, ffn_fwd(b), lam2, beta2)
+    # ------------------------------------------------------------------ backward
+    def backward(self, saved: list[dict], top_grad_corr: float):
+        """Per layer (bottom first): gradient variance and correlation at the layer's output, and the
+        six weight-gradient norms, all relative to a unit-variance gradient at the top."""
+        norms = {name: np.empty(self.N) for name in GRAD_MATRICES}
+        g_var, g_corr = np.empty(self.N), np.empty(self.N)
+        g, gc = 1.0, top_grad_corr
+        for i in reversed(range(self.N)):
+            g_var[i], g_corr[i] = g, gc / g
+            g, gc, n2 = self._layer_backward(saved[i], i, g, gc)
+            for name, value in zip(GRAD_MATRICES, n2):
+                norms[name][i] = math.sqrt(max(value, 0.0))
+        return g_var, g_corr, norms
+
+    def _layer_backward(self, rec: dict, i: int, g, gc):
+        """The gradient (var, cov) at the layer's input from that at its output, and the squared
+        norms of q, k, v, attn_out, ffn_in, ffn_out."""
+        lam2, d = self.lam2, self.d
+        a, y, h, b, xin = rec["a"], rec["y"], rec["h"], rec["b"], rec["x"]
+        fb, fbc, nf_in, nf_out = self._ffn_backward(b, g, gc)
+        if self.pre:
+            lnb = layernorm(h.var, h.corr, d, fb, fbc / fb)
+            g, gc = lam2 * g + lnb.grad_var, lam2 * gc + lnb.grad_cov          # at h
+            ab, abc, n_q, n_k, n_v, n_o = self._attention_backward(a, y, i, g, gc)
+            lnb = layernorm(xin.var, xin.corr, d, ab, abc / ab)
+            g, gc = lam2 * g + lnb.grad_var, lam2 * gc + lnb.grad_cov          # at x
         else:
-            a = ln(x)
-            att, y = attention_fwd(a, i)
-            h = _mix(a, att, lam2, beta2)
-            b = ln(h)
-            x = _mix(b, ffn_fwd(b), lam2, beta2)
-        rec.update(a=a, y=y, h=h, b=b)
-        saved.append(rec)
-        fwd_var[i], fwd_corr[i], attn_r[i] = x.var, x.corr, a.corr
+            g, gc = lam2 * g + fb, lam2 * gc + fbc                              # at b
+            lnb = layernorm(h.var, h.corr, d, g, gc / g)
+            g, gc = lnb.grad_var, lnb.grad_cov                                  # at h
+            ab, abc, n_q, n_k, n_v, n_o = self._attention_backward(a, y, i, g, gc)
+            g, gc = lam2 * g + ab, lam2 * gc + abc                              # at a
+            lnb = layernorm(xin.var, xin.corr, d, g, gc / g)
+            g, gc = lnb.grad_var, lnb.grad_cov                                  # at x
+        return g, gc, (n_q, n_k, n_v, n_o, nf_in, nf_out)
 
-    # ---------------------------------------------------------------- backward, top down
-    norms = {name: np.empty(N) for name in GRAD_MATRICES}
-    g_var, g_corr = np.empty(N), np.empty(N)
-    g, gc = 1.0, float(top_grad_corr)        # gradient at the top layer's output (relative)
+    def _wnorm2(self, d_in, d_out, x2, xc, gv, gcv):
+        """E ||dL/dW||^2 for y = x W over the batch's tokens (module docstring)."""
+        return d_in * d_out * (self.tokens * x2 * gv + self.pairs * xc * gcv)
 
-    def wnorm2(d_in, d_out, x2, xc, gv, gcv):
-        return d_in * d_out * (tokens * x2 * gv + pairs * xc * gcv)
-
-    def ffn_bwd(b: _Signal, g_out, gc_out):
-        """Gradient (var, cov) at the FFN input from the block-output gradient (after the residual
-        scale and dropout); accumulates the FFN weight-gradient norms."""
-        dm = dropout(0.0, 1.0, 0.0, p, beta2 * g_out, gc_out / g_out if g_out else 0.0)
-        g_f, gc_f = dm.grad_var, beta2 * gc_out
-        h2 = d * s_f ** 2 * b.var                         # pre-activation variance
-        r_u = b.corr
-        if act == "relu":
+    def _activation_moments(self, b: _Signal):
+        """(E[act^2], cross-token E[act act'], the activation's backward gains) at the FFN."""
+        h2 = self.d * self.s_f ** 2 * b.var                  # pre-activation variance
+        if self.act == "relu":
             x2 = h2 / 2
-            xc = x2 * float(ffn_block(b.var, r_u, d, d_f, s_f, s_f).corr)
-            am = relu(h2, r_u, 1.0, 1.0)
-        else:
-            gm = gelu(h2, r_u)
-            x2, xc = gm.var + gm.mean ** 2, gm.cov + gm.mean ** 2
-            am = gelu(h2, r_u, 1.0, 1.0)
-        nf_out = wnorm2(d_f, d, x2, xc, g_f, gc_f)
+            xc = x2 * float(ffn_block(b.var, b.corr, self.d, self.d_f, self.s_f, self.s_f).corr)
+            return x2, xc, relu(h2, b.corr, 1.0, 1.0)
+        gm = gelu(h2, b.corr)
+        return gm.var + gm.mean ** 2, gm.cov + gm.mean ** 2, gelu(h2, b.corr, 1.0, 1.0)
+
+    def _ffn_backward(self, b: _Signal, g_out, gc_out):
+        """Gradient (var, cov) at the FFN input from the block-output gradient (after the residual
+        scale and dropout), and the squared FFN weight-gradient norms (in, out)."""
+        d, d_f, s_f = self.d, self.d_f, self.s_f
+        dm = dropout(0.0, 1.0, 0.0, self.p, self.beta2 * g_out, gc_out / g_out if g_out else 0.0)
+        g_f, gc_f = dm.grad_var, self.beta2 * gc_out
+        x2, xc, am = self._activation_moments(b)
+        nf_out = self._wnorm2(d_f, d, x2, xc, g_f, gc_f)
         lo = linear(0.0, 1.0, 0.0, d_f, d, s_f ** 2, g_f, gc_f / g_f)
         g_u, gc_u = lo.grad_var * am.grad_var, lo.grad_cov * am.grad_cov   # gate gains
-        nf_in = wnorm2(d, d_f, b.var, b.cov, g_u, gc_u)
+        nf_in = self._wnorm2(d, d_f, b.var, b.cov, g_u, gc_u)
         li = linear(0.0, 1.0, 0.0, d, d_f, s_f ** 2, g_u, gc_u / g_u)
         return li.grad_var, li.grad_cov, nf_in, nf_out
 
-    def attention_bwd(a: _Signal, y: _Signal, i, g_out, gc_out):
-        """Gradient (var, cov) at the attention input; accumulates Q/K/V/out weight-gradient norms."""
-        s_v, s_o = stds["v"][i], stds["attn_out"][i]
-        g_o, gc_o = beta2 * g_out / (1 - p), beta2 * gc_out               # hidden dropout
-        n_out = wnorm2(d, d, y.var, y.cov, g_o, gc_o)
+    def _attention_backward(self, a: _Signal, y: _Signal, i: int, g_out, gc_out):
+        """Gradient (var, cov) at the attention input, and the squared Q/K/V/out weight-gradient norms."""
+        d, L, pa, s_qk = self.d, self.L, self.pa, self.s_qk
+        s_v, s_o = self.stds["v"][i], self.stds["attn_out"][i]
+        g_o, gc_o = self.beta2 * g_out / (1 - self.p), self.beta2 * gc_out  # hidden dropout
+        n_out = self._wnorm2(d, d, y.var, y.cov, g_o, gc_o)
         lo = linear(0.0, 1.0, 0.0, d, d, s_o ** 2, g_o, gc_o / g_o)        # through W_o^T
         g_y, r_gy = lo.grad_var, lo.grad_cov / lo.grad_var
         # softmax second moment: logits q k^T / sqrt(d_h) have variance d^2 s_q^2 s_k^2 s2^2
-        logit_var = d * d * s_qk ** 4 * a.var ** 2
-        sm = softmax(logit_var, a.corr, L, variant=softmax_variant)
+        sm = softmax(d * d * s_qk ** 4 * a.var ** 2, a.corr, L, variant=self.softmax_variant)
         p2_sum = L * (sm.var + sm.mean ** 2)           # sum_i E[P_ij^2] over the L queries
         # value path: dL/dV_j = sum_i P~_ij G_i (attention_head's backward without W_v^T, with
         # the softmax second moment in place of 1/L^2)
-        unit = attention_head(a.var, a.corr, d, d_h, L, s_qk, s_qk, 1.0 / math.sqrt(d_h), pa,
+        unit = attention_head(a.var, a.corr, d, self.d_h, L, s_qk, s_qk, 1.0 / math.sqrt(self.d_h), pa,
                               g_y, r_gy)
         g_v = g_y * (p2_sum / (1 - pa) + (L - 1) / L * r_gy)
         gc_v = unit.grad_cov
-        n_v = wnorm2(d, d, a.var, a.cov, g_v, gc_v)
+        n_v = self._wnorm2(d, d, a.var, a.cov, g_v, gc_v)
         # query/key path (not in attention_head), see the module docstring
         v_var = d * s_v ** 2 * a.var
         k_var = d * s_qk ** 2 * a.var                   # = var(q): s_q = s_k
         r, one_r = a.corr, max(1.0 - a.corr, 0.0)
         g_q = p2_sum * g_y * v_var * k_var * one_r ** 2
         g_k = g_q + g_y * max(r_gy, 0.0) * r * one_r * v_var * k_var
-        n_q = wnorm2(d, d, a.var, a.cov, g_q, 0.0)
-        n_k = wnorm2(d, d, a.var, a.cov, g_k, 0.0)
+        n_q = self._wnorm2(d, d, a.var, a.cov, g_q, 0.0)
+        n_k = self._wnorm2(d, d, a.var, a.cov, g_k, 0.0)
         gx = d * s_v ** 2 * g_v + d * s_qk ** 2 * (g_q + g_k)               # W_v^T, W_q^T, W_k^T
         gcx = d * s_v ** 2 * gc_v
         return gx, gcx, n_q, n_k, n_v, n_out
-
-    for i in reversed(range(N)):
-        rec = saved[i]
-        g_var[i], g_corr[i] = g, gc / g
-        a, y, h, b, xin = rec["a"], rec["y"], rec["h"], rec["b"], rec["x"]
-        if pre:
-            fb, fbc, nf_in, nf_out = ffn_bwd(b, g, gc)
-            lnb = layernorm(h.var, h.corr, d, fb, fbc / fb)
-            g, gc = lam2 * g + lnb.grad_var, lam2 * gc + lnb.grad_cov          # at h
-            ab, abc, n_q, n_k, n_v, n_o = attention_bwd(a, y, i, g, gc)
-            lnb = layernorm(xin.var, xin.corr, d, ab, abc / ab)
-            g, gc = lam2 * g + lnb.grad_var, lam2 * gc + lnb.grad_cov          # at x
-        else:
-            fb, fbc, nf_in, nf_out = ffn_bwd(b, g, gc)
-            g, gc = lam2 * g + fb, lam2 * gc + fbc                              # at b
-            lnb = layernorm(h.var, h.corr, d, g, gc / g)
-            g, gc = lnb.grad_var, lnb.grad_cov                                  # at h
-            ab, abc, n_q, n_k, n_v, n_o = attention_bwd(a, y, i, g, gc)
-            g, gc = lam2 * g + ab, lam2 * gc + abc                              # at a
-            lnb = layernorm(xin.var, xin.corr, d, g, gc / g)
-            g, gc = lnb.grad_var, lnb.grad_cov                                  # at x
-        for name, n2 in zip(GRAD_MATRICES, (n_q, n_k, n_v, n_o, nf_in, nf_out)):
-            norms[name][i] = math.sqrt(max(n2, 0.0))
-
-    total = np.sqrt(sum(v ** 2 for v in norms.values()))
-    return Prediction(
-        forward_variance=fwd_var, correlation=fwd_corr, grad_norm=total, grad_norms=norms,
-        grad_variance=g_var, grad_correlation=g_corr,
-        embedding_variance=emb_signal.var, embedding_correlation=emb_signal.corr,
-        attention_input_correlation=attn_r, seq_len=L,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
