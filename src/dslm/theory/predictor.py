@@ -15,8 +15,8 @@ norms fluctuate relative to a Gaussian's (``phi``): :func:`layernorm_corr`'s O(1
 assumes a Gaussian input, whose token norms fluctuate; a Post-LN stream is mostly the previous
 LayerNorm's output, whose norms are fixed, and applying the full correction twice per layer would
 lose ~N/d of the correlation that the measurement keeps, so the correction is scaled by phi.
-Embeddings: three tables of std s_e, summed (variance 3 s_e^2, correlation r0), then dropout. A sub-layer is LayerNorm
-(:func:`layernorm`), the block, hidden dropout (:func:`dropout`) and the residual mix
+Embeddings: three tables of std s_e, summed (variance 3 s_e^2, correlation r0), then dropout. A
+sub-layer is LayerNorm (:func:`layernorm`), the block, hidden dropout (:func:`dropout`) and the residual mix
 x <- lam x + beta block with the config's (lam^2, beta^2) (:meth:`BertConfig.residual_variances`:
 plain adds, DSLM scaling or DeepNorm's alpha), whose variances and covariances add (the block's
 weights are independent of x). The attention block is :func:`attention_head` (per head: Q/K/V
@@ -28,7 +28,8 @@ with the backward moments of the same components: dropout, linear (fan-out times
 (gate correlation included), LayerNorm (divide by the input variance), and the residual mix
 (lam^2 on the identity path plus the branch). Through attention the value path passes the
 probability-weighted token sum (:func:`attention_head`'s backward, with the softmax second moment of
-:func:`softmax` in place of its small-logit 1/L^2); the query/key path (which :func:`attention_head` leaves out) adds, per feature of q and k,
+:func:`softmax` in place of its small-logit 1/L^2); the query/key path (which :func:`attention_head`
+leaves out) adds, per feature of q and k,
 
     var(dq) = L E[P^2] g_y var(v) var(q) (1 - r)^2
     var(dk) = var(dq) + g_y r_g r (1 - r) var(v) var(q)
