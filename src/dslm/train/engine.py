@@ -775,15 +775,8 @@ class Trainer:
         final evaluation on every eval set and the final checkpoint. Stops early, with a checkpoint,
         on SIGTERM/SIGINT, at ``stop_at``, or after ``max_bad_steps`` non-finite steps in a row
         (then raises :class:`NonFiniteLoss`). Returns the final metrics (see :func:`train`)."""
-        cfg = self.cfg
         self._claim_out_dir()
-        if self.env.is_main:
-            n_params = sum(p.numel() for p in D.unwrap(self.model).parameters())
-            self.log.print(f"{self.task.name}: {n_params / 1e6:.2f}M parameters, {self.world} x {self.device.type}, "
-                           f"steps {self.step}->{self.total}, global batch {cfg.global_batch} = {self.micro} x "
-                           f"{self.accum} accumulation x {self.world} ranks, {cfg.precision}"
-                           f"{', compiled' if cfg.compile else ''}{', CUDA graphs' if cfg.cuda_graphs else ''}"
-                           + (f", resumed from {cfg.load}" if cfg.load else ""))
+        self._announce()
         last_train, last_eval, stop = {}, {}, None
         self.model.train()
         # signal handlers first: loader workers forked by train_batches inherit them, so a SIGTERM sent
@@ -791,36 +784,13 @@ class Trainer:
         # They stay until the end: a signal during the final evaluation or save is handled the same way.
         with _Signals() as signals:
             batches = self.train_batches()
-            while self.step < self.total:
+            while self.step < self.total and not stop:
                 self.train_step(batches)
                 self.log.advance()
-                step = self.step
-                if self.consecutive >= cfg.max_bad_steps:
-                    stop = "nonfinite"
-                boundary = step % cfg.log_every == 0 or step == self.total or stop
-                if self.world == 1 and signals.received:
-                    stop = stop or "signal"
-                if cfg.stop_at is not None and cfg.stop_at <= step < self.total:
-                    stop = stop or "stop_at"
-                if boundary or stop:
-                    last_train, signalled = self._interval_summary(signals.received is not None)
-                    stop = stop or ("signal" if signalled else None)
-                    self.log.log(step, "train", last_train)
-                if stop:
-                    break
-                t0 = time.perf_counter()
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total:
-                    evals = self._evaluate_unless_signalled(
-                        {k: v for k, v in self.eval_sets.items() if k != "test"}, signals)
-                    if evals is None:
-                        stop = "signal"
-                        break
-                    last_eval = evals
-                    for name, m in last_eval.items():
-                        self.log.log(step, name, m)
-                if cfg.save_every and step % cfg.save_every == 0 and step < self.total:
-                    self.save()
-                self._eval_time += time.perf_counter() - t0
+                stop, summary = self._after_step(signals)
+                last_train = summary or last_train
+                if not stop:
+                    stop, last_eval = self._periodic_work(signals, last_eval)
             if stop:
                 return self._stop(stop, signals.received, last_train, last_eval)
             final_eval = self._evaluate_unless_signalled(self.eval_sets, signals) if self.eval_sets else {}
@@ -828,10 +798,57 @@ class Trainer:
                 return self._stop("signal", signals.received, last_train, last_eval)
             for name, m in final_eval.items():
                 self.log.log(self.total, name, m)
-            if cfg.save_final:
+            if self.cfg.save_final:
                 self.save()    # a signal now waits for the save; the run is then complete
         self.log.close()
         return self._result(last_train, final_eval)
+
+    def _announce(self) -> None:
+        """One line: the task, model size, devices, steps and batch layout."""
+        if not self.env.is_main:
+            return
+        cfg = self.cfg
+        n_params = sum(p.numel() for p in D.unwrap(self.model).parameters())
+        self.log.print(f"{self.task.name}: {n_params / 1e6:.2f}M parameters, {self.world} x {self.device.type}, "
+                       f"steps {self.step}->{self.total}, global batch {cfg.global_batch} = {self.micro} x "
+                       f"{self.accum} accumulation x {self.world} ranks, {cfg.precision}"
+                       f"{', compiled' if cfg.compile else ''}{', CUDA graphs' if cfg.cuda_graphs else ''}"
+                       + (f", resumed from {cfg.load}" if cfg.load else ""))
+
+    def _after_step(self, signals: "_Signals") -> tuple[str | None, dict | None]:
+        """After a step: why the run must stop now (``nonfinite``, ``signal``, ``stop_at``; None to go
+        on), and the logged training summary at a logging boundary or a stop (else None). Ranks agree
+        on a signal through the summary's all-reduce."""
+        cfg, step, stop = self.cfg, self.step, None
+        if self.consecutive >= cfg.max_bad_steps:
+            stop = "nonfinite"
+        if self.world == 1 and signals.received:
+            stop = stop or "signal"
+        if cfg.stop_at is not None and cfg.stop_at <= step < self.total:
+            stop = stop or "stop_at"
+        if not (stop or step % cfg.log_every == 0 or step == self.total):
+            return None, None
+        summary, signalled = self._interval_summary(signals.received is not None)
+        self.log.log(step, "train", summary)
+        return stop or ("signal" if signalled else None), summary
+
+    def _periodic_work(self, signals: "_Signals", last_eval: dict) -> tuple[str | None, dict]:
+        """The evaluation and checkpoint due at this step (none at the last: the final ones follow).
+        Returns ``("signal", ...)`` when a signal ended the evaluation, and the newest eval summaries."""
+        cfg, step = self.cfg, self.step
+        t0 = time.perf_counter()
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total:
+            evals = self._evaluate_unless_signalled({k: v for k, v in self.eval_sets.items() if k != "test"},
+                                                    signals)
+            if evals is None:
+                return "signal", last_eval
+            last_eval = evals
+            for name, m in last_eval.items():
+                self.log.log(step, name, m)
+        if cfg.save_every and step % cfg.save_every == 0 and step < self.total:
+            self.save()
+        self._eval_time += time.perf_counter() - t0
+        return None, last_eval
 
     def _evaluate_unless_signalled(self, datasets: dict, signals: "_Signals") -> dict | None:
         """:meth:`evaluate`, or None when a signal arrives during it (one process: the pass ends at the
