@@ -162,29 +162,60 @@ def _load_all(args, spec, tokenizer, data: str):
 
 
 def run(args) -> int:
-    from dslm.data.vocab import Tokenizer
-    from dslm.finetune.heads import load_encoder, resolve_checkpoint
-    from dslm.finetune.tasks import DEMO_DATA, SPECS, FinetuneTask, predict, write_predictions
-    from dslm.model import BertModel
+    from dslm.finetune.tasks import SPECS, FinetuneTask
     from dslm.train.engine import NonFiniteLoss, exit_status, train, train_config_from_args
 
     require_package("safetensors", "train")   # checkpoints and the saved model
     args = resolve_defaults(args)
     spec = SPECS[args.task]
+    data = _check_args(args)
+    config, tokenizer, factory, source = _encoder(args)
+    _log(f"finetune {spec.name}: {source}; data {data}")
+
+    sets, reports = _load_all(args, spec, tokenizer, data)
+    train_set = sets.pop(spec.train_split)
+    if args.eval_every is None:  # once per epoch
+        args.eval_every = max(1, math.ceil(len(train_set) / args.global_batch))
+    cfg = train_config_from_args(args)
+    if cfg.fsdp and not cfg.save_final:
+        raise UsageError("--fsdp with --no-save-final: the predictions are made from the final checkpoint "
+                         "(the sharded model is gone when training ends); drop --no-save-final")
+    task = FinetuneTask(spec, config, factory, train_set, sets, args.max_len)
+    try:
+        result = train(task, cfg)
+    except NonFiniteLoss as e:
+        print(f"dslm finetune: {e}", flush=True)
+        return 1
+    if is_main_process():
+        info = {"max_len": args.max_len, "init_from": source, "data": data, "data_reports": reports}
+        _write_results(task, cfg, spec, sets, result, info)
+    return exit_status(result)
+
+
+def _check_args(args) -> str:
+    """Refuse impossible flag values; returns the data location (the shipped files for the demo)."""
+    from dslm.finetune.tasks import DEMO_DATA
+
     if args.max_len is None or args.max_len < 8:
         raise UsageError(f"--max-len {args.max_len}: must be >= 8")
     if args.qa_max_len < 1:
         raise UsageError(f"--qa-max-len {args.qa_max_len}: must be >= 1")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout {args.dropout}: must be in [0, 1)")
-    if args.data is None:
-        if args.task != "demo":
-            raise UsageError(f"--data is required for --task {args.task} (the GLUE/RACE folder, or 'hf')")
-        data = str(DEMO_DATA)
-    else:
-        data = args.data
+    if args.data is not None:
+        return args.data
+    if args.task != "demo":
+        raise UsageError(f"--data is required for --task {args.task} (the GLUE/RACE folder, or 'hf')")
+    return str(DEMO_DATA)
 
-    # the encoder (loaded once; build_model adds the head after the engine seeds the RNG)
+
+def _encoder(args):
+    """(config, tokenizer, model factory, description) of the encoder to finetune: loaded once from
+    --init-from, or a fresh model of the model flags (the engine calls the factory after seeding)."""
+    from dslm.data.vocab import Tokenizer
+    from dslm.finetune.heads import load_encoder, resolve_checkpoint
+    from dslm.model import BertModel
+
     if args.init_from:
         ckpt = resolve_checkpoint(args.init_from)
         encoder, source = load_encoder(ckpt, args.dropout)
@@ -205,24 +236,14 @@ def run(args) -> int:
         _log(f"note: vocabulary has {tokenizer.vocab_size} tokens, the model {config.vocab_size} embeddings")
     if args.max_len > config.max_position_embeddings:
         raise UsageError(f"--max-len {args.max_len} exceeds the model's {config.max_position_embeddings} positions")
-    _log(f"finetune {spec.name}: {source}; data {data}")
+    return config, tokenizer, factory, source
 
-    sets, reports = _load_all(args, spec, tokenizer, data)
-    train_set = sets.pop(spec.train_split)
-    if args.eval_every is None:  # once per epoch
-        args.eval_every = max(1, math.ceil(len(train_set) / args.global_batch))
-    cfg = train_config_from_args(args)
-    if cfg.fsdp and not cfg.save_final:
-        raise UsageError("--fsdp with --no-save-final: the predictions are made from the final checkpoint "
-                         "(the sharded model is gone when training ends); drop --no-save-final")
-    task = FinetuneTask(spec, config, factory, train_set, sets, args.max_len)
-    try:
-        result = train(task, cfg)
-    except NonFiniteLoss as e:
-        print(f"dslm finetune: {e}", flush=True)
-        return 1
-    if not is_main_process():
-        return exit_status(result)
+
+def _write_results(task, cfg, spec, sets: dict, result: dict, info: dict) -> None:
+    """The predictions of each eval split (a finished run only) and final_metrics.json; prints the
+    eval metrics."""
+    from dslm.finetune.tasks import predict, write_predictions
+
     out = Path(cfg.out_dir)
     predictions = {}
     if not result.get("stopped"):
@@ -232,17 +253,16 @@ def run(args) -> int:
             path = out / f"predictions_{split}.tsv"
             predictions[split] = {"file": path.name, **write_predictions(path, spec, dataset, logits)}
     final = {"task": spec.name, "lr": cfg.lr, "seed": cfg.seed, "epochs": cfg.epochs, "global_batch": cfg.global_batch,
-             "max_len": args.max_len, "init_from": source, "data": data, "eval": result.get("eval", {}),
-             "train": result.get("train", {}), "steps": result.get("steps"), "tokens_per_s": result.get("tokens_per_s"),
-             "stopped": result.get("stopped"), "checkpoint": result.get("checkpoint"), "predictions": predictions,
-             "data_reports": reports}
+             "max_len": info["max_len"], "init_from": info["init_from"], "data": info["data"],
+             "eval": result.get("eval", {}), "train": result.get("train", {}), "steps": result.get("steps"),
+             "tokens_per_s": result.get("tokens_per_s"), "stopped": result.get("stopped"),
+             "checkpoint": result.get("checkpoint"), "predictions": predictions, "data_reports": info["data_reports"]}
     path = out / "final_metrics.json"
     write_text_atomic(path, json.dumps(final, indent=2, default=str) + "\n")
     for split, m in final["eval"].items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "loss")
         print(f"{split}: {shown}")
     print(f"final metrics: {path}", flush=True)
-    return exit_status(result)
 
 
 def _final_model(task, result):
