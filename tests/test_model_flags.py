@@ -1,10 +1,10 @@
-"""The model flags shared by dslm pretrain and dslm finetune map onto BertConfig one way."""
+"""The model flags shared by dslm pretrain, dslm finetune and dslm figures map onto BertConfig one way."""
 import argparse
 
 import pytest
 
 from dslm.errors import UsageError
-from dslm.model.flags import add_model_arguments, config_from_args
+from dslm.model.flags import add_model_arguments, config_from_args, parse_r0
 
 
 def _parse(argv, defaults=None):
@@ -45,3 +45,22 @@ def test_commands_share_the_flags(command, capsys):
     for flag in ("--layers", "--hidden", "--heads", "--ffn", "--ln", "--activation", "--init", "--dslm-mode",
                  "--lam2", "--beta2", "--dslm-k", "--r0", "--dropout"):
         assert flag + " " in text, flag
+
+
+def test_exclude_and_command_fields():
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser, {"init": "xavier", "activation": "relu"}, exclude=("ln",))
+    parser.add_argument("--dropout", type=float, default=0.0)
+    args = parser.parse_args(["--layers", "2", "--hidden", "32", "--heads", "2"])
+    assert not hasattr(args, "ln")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--ln", "pre"])
+    c = config_from_args(args, vocab_size=100, seq_len=64, ln="pre", max_position_embeddings=64, r0=0.4)
+    assert (c.ln, c.init, c.max_position_embeddings, c.r0) == ("pre", "xavier", 64, 0.4)
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.1", "nan", "high"])
+def test_r0_out_of_range_is_a_flag_error(value):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"\(0, 1\]"):
+        parse_r0(value)
+    assert parse_r0("1") == 1.0 and parse_r0("auto") == "auto"

@@ -10,14 +10,14 @@ signal_propagation.json (every per-layer number, the predictions and their agree
 variance and correlation are absolute predictions; the predicted gradient norms are relative and
 are scaled by the one constant (the loss's gradient scale) that matches their geometric mean to the
 measurement. --preset paper is THEORY.md's setting (192 layers, d 1024, 16 heads, L 256, batch 64,
-fp32, dropout 0.1; dslm lam2/beta2 0.995/0.005); --preset small is a CPU-sized deep model.
+fp32, dropout 0.1; dslm lam2/beta2 0.995/0.005); --preset small is a CPU-sized deep model. The
+model flags are dslm pretrain's (dslm.model.flags, less --ln); a flag given wins over the preset.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import platform
 import time
 from pathlib import Path
@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from dslm.errors import UsageError
+from dslm.files import write_text_atomic
+from dslm.model.flags import add_model_arguments, config_from_args
 from dslm.runtime import resolve_device
 
 PRESETS = {
@@ -32,23 +34,23 @@ PRESETS = {
     "paper": dict(layers=192, hidden=1024, heads=16, seq_len=256, batch=64, micro_batch=8,
                   dropout=0.1, lam2=0.995, beta2=0.005),
     # deep and narrow enough for 2 CPU cores; d 256 keeps the per-layer weight noise small enough
-    # for Post-LN's gradient growth to show (at d 128 it drowns in it)
+    # for Post-LN's gradient growth to show (at d 128 it drowns in it); dslm beta^2 = 1/layers
     "small": dict(layers=96, hidden=256, heads=4, seq_len=128, batch=8, micro_batch=8,
                   dropout=0.1, lam2=None, beta2=None),
 }
+DSLM_KEYS = ("lam2", "beta2")   # the preset's residual scales: --init dslm only
 PLACEMENTS = ("pre", "post")
-INITS = ("xavier", "dslm", "megatron", "deepnorm")
 POST_LN_ONLY = ("deepnorm",)
 DEFAULT_DATA = Path("outputs") / "data" / "embedded"
 LN_NAME = {"pre": "Pre-LN", "post": "Post-LN"}
 
 
 def add_arguments(p):
-    p.add_argument("--init", choices=INITS, default="xavier",
-                   help="init scheme of the model (deepnorm is Post-LN only: only the Post-LN "
-                        "figures are drawn)")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                   help="model and batch size (default: paper on a GPU, small on a CPU)")
+                   help="defaults of the model and batch flags (default: paper on a GPU, small on a CPU)")
+    p.add_argument("--placements", nargs="+", choices=PLACEMENTS, default=argparse.SUPPRESS,
+                   help="LayerNorm placements to run (default: pre post; with --init deepnorm: post, "
+                        "the only placement DeepNorm is defined for)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default outputs/figures/<init>)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -56,60 +58,49 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=1234, help="seed of the model weights, the batch and dropout")
     p.add_argument("--data", default=None, metavar="DIR",
                    help=f"prepared dataset (default: the embedded corpus, prepared on first use in {DEFAULT_DATA})")
-    p.add_argument("--placements", nargs="+", choices=PLACEMENTS, default=argparse.SUPPRESS,
-                   help="LayerNorm placements to run (default: pre post; with --init deepnorm: post, "
-                        "the only placement DeepNorm is defined for)")
-    g = p.add_argument_group("overrides of the preset")
-    g.add_argument("--layers", type=int, default=None)
-    g.add_argument("--hidden", type=int, default=None, help="hidden size d")
-    g.add_argument("--heads", type=int, default=None)
-    g.add_argument("--seq-len", type=int, default=None, help="sequence length L")
-    g.add_argument("--batch", type=int, default=None, help="sequences in the batch")
-    g.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward")
-    g.add_argument("--dropout", type=float, default=None, help="hidden and attention dropout p")
-    g.add_argument("--lam2", type=float, default=None, help="dslm residual scale lam^2")
-    g.add_argument("--beta2", type=float, default=None,
-                   help="dslm residual scale beta^2 (with neither: paper 0.005, small 1/layers)")
-    g.add_argument("--r0", default=None,
-                   help="r0 of the dslm s_vo recursion: a number in (0, 1] or auto (measured on the "
-                        "batch); default 0.221")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("model and batch (a flag given wins over the preset)")
+    add_model_arguments(g, defaults={"init": "xavier", "activation": "relu"}, exclude=("ln",))   # --placements instead
+    g.add_argument("--dropout", type=float, help="hidden and attention dropout p")
+    g.add_argument("--seq-len", type=int, help="sequence length L")
+    g.add_argument("--batch", type=int, help="sequences in the batch")
+    g.add_argument("--micro-batch", type=int, help="sequences per forward/backward")
+    for action in g._group_actions:   # a preset's flag: absent unless given, filled by _resolve
+        if action.dest in PRESETS["paper"]:
+            shown = ", ".join(f"{name} {v[action.dest]}" for name, v in PRESETS.items()
+                              if v[action.dest] is not None)
+            action.help = f"{action.help}; preset {shown}"
+            action.default = argparse.SUPPRESS
 
 
 # ---------------------------------------------------------------------------------------------
 # settings
 
 
-def _settings(args, device) -> dict:
+def _resolve(args, device) -> dict:
+    """Fill the flags not given from the preset (paper on a GPU, small on a CPU; its lam2/beta2
+    with --init dslm only), check the flags figures alone has, and return the settings that
+    signal_propagation.json records."""
     preset = args.preset or ("paper" if device.type == "cuda" else "small")
-    s = dict(PRESETS[preset], preset=preset)
-    for key in ("layers", "hidden", "heads", "seq_len", "batch", "micro_batch", "dropout"):
-        value = getattr(args, key)
-        if value is not None:
-            s[key] = value
-    for key in ("layers", "hidden", "heads", "batch", "micro_batch"):
-        if s[key] <= 0:
-            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {s[key]}")
-    if s["seq_len"] < 8:
-        raise UsageError(f"--seq-len must be >= 8, got {s['seq_len']}")
-    if not 0.0 <= s["dropout"] < 1.0:
-        raise UsageError(f"--dropout must be in [0, 1), got {s['dropout']}")
-    if args.lam2 is not None or args.beta2 is not None:
-        if args.init != "dslm":
-            raise UsageError("--lam2/--beta2 apply to --init dslm only")
-        s["lam2"], s["beta2"] = args.lam2, args.beta2
-    if args.r0 is None:
-        s["r0"] = None
-    elif str(args.r0).lower() == "auto":
-        s["r0"] = "auto"
-    else:
-        try:
-            s["r0"] = float(args.r0)
-        except ValueError:
-            raise UsageError(f"--r0 must be a number in (0, 1] or auto, got {args.r0!r}") from None
-        if not 0.0 < s["r0"] <= 1.0:
-            raise UsageError(f"--r0 must be in (0, 1], got {args.r0}")
-    return s
+    values = PRESETS[preset]
+    scales_given = any(hasattr(args, key) for key in DSLM_KEYS)
+    if scales_given and args.init != "dslm":
+        raise UsageError("--lam2/--beta2 apply to --init dslm only")
+    scales = {key: getattr(args, key, None) if scales_given else values[key] for key in DSLM_KEYS}
+    settings = {key: getattr(args, key, values[key]) for key in values if key not in DSLM_KEYS}
+    settings.update(scales, preset=preset, r0=args.r0)
+    for key, value in settings.items():
+        setattr(args, key, value)
+    if args.init != "dslm":
+        args.lam2 = args.beta2 = None
+    for key in ("batch", "micro_batch"):
+        if settings[key] <= 0:
+            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {settings[key]}")
+    if args.seq_len < 8:
+        raise UsageError(f"--seq-len must be >= 8, got {args.seq_len}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    return settings
 
 
 def _placements(args) -> list[str]:
@@ -122,32 +113,24 @@ def _placements(args) -> list[str]:
     return placements
 
 
-def _config(s: dict, init: str, ln: str, vocab_size: int, r0=None):
-    from dslm.model import BertConfig
-
-    kw = {}
-    if init == "dslm":
-        kw = dict(lam2=s["lam2"], beta2=s["beta2"])
-        if r0 is not None:
-            kw["r0"] = r0
-    try:
-        return BertConfig(vocab_size=vocab_size, hidden_size=s["hidden"], num_layers=s["layers"],
-                          num_heads=s["heads"], max_position_embeddings=s["seq_len"],
-                          hidden_dropout=s["dropout"], attention_dropout=s["dropout"], ln=ln,
-                          init=init, **kw)
-    except ValueError as e:
-        raise UsageError(f"impossible model settings: {e}") from None
+def _config(args, ln: str, vocab_size: int, r0=None):
+    """The model of one placement: the shared model flags (:mod:`dslm.model.flags`) with LayerNorm
+    ``ln``, exactly --seq-len positions and, where given, a measured r0."""
+    measured = {} if r0 is None else {"r0": r0}
+    return config_from_args(args, vocab_size, args.seq_len, ln=ln,
+                            max_position_embeddings=args.seq_len, **measured)
 
 
-def _batch(data_dir, s: dict, seed: int):
+def _batch(args):
     from dslm.data import PretrainingDataset, ensure_embedded_dataset
 
+    data_dir = args.data
     if data_dir is None:
         data_dir = ensure_embedded_dataset(DEFAULT_DATA)
     elif not Path(data_dir).is_dir():
         raise UsageError(f"--data {data_dir}: no such directory (expected a prepared dataset)")
-    ds = PretrainingDataset(data_dir, split="train", seq_len=s["seq_len"], seed=seed)
-    indices = [i % len(ds) for i in range(s["batch"])]
+    ds = PretrainingDataset(data_dir, split="train", seq_len=args.seq_len, seed=args.seed)
+    indices = [i % len(ds) for i in range(args.batch)]
     return ds.get_batch(indices), len(ds.vocab), Path(data_dir)
 
 
@@ -155,25 +138,23 @@ def _batch(data_dir, s: dict, seed: int):
 # one run: build, probe, predict
 
 
-def _run_one(s, init, ln, batch, vocab_size, device, seed, timer):
+def _run_one(args, ln, batch, vocab_size, device, timer):
     import torch
 
     from dslm.model import BertForPreTraining
-    from dslm.probe import measure_r0
     from dslm.model.bert import Embeddings
-    from dslm.probe import probe_model
+    from dslm.probe import measure_r0, probe_model
     from dslm.theory import agreement, normalise, predict
 
+    init, seed = args.init, args.seed
     r0_config = None
-    if init == "dslm" and s["r0"] == "auto":   # the recursion's r0, measured on this batch
+    if init == "dslm" and args.r0 == "auto":   # the recursion's r0, measured on this batch
         torch.manual_seed(seed)
-        emb = Embeddings(_config(s, init, ln, vocab_size))   # only the tables: r0 is scale-free
+        emb = Embeddings(_config(args, ln, vocab_size))   # only the tables: r0 is scale-free
         for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
             torch.nn.init.normal_(table.weight)
         r0_config = measure_r0(emb, batch)
-    elif init == "dslm" and s["r0"] is not None:
-        r0_config = s["r0"]
-    config = _config(s, init, ln, vocab_size, r0_config)
+    config = _config(args, ln, vocab_size, r0_config)
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -186,7 +167,7 @@ def _run_one(s, init, ln, batch, vocab_size, device, seed, timer):
     t0 = time.perf_counter()
     r0_input = measure_r0(model, batch)            # the input correlation the predictor starts from
     torch.manual_seed(seed + 1)                    # dropout masks
-    measured = probe_model(model, batch, micro_batch_size=s["micro_batch"])
+    measured = probe_model(model, batch, micro_batch_size=args.micro_batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
     timer["probe_s"] = time.perf_counter() - t0
@@ -213,20 +194,12 @@ def _run_one(s, init, ln, batch, vocab_size, device, seed, timer):
         "batch": {"sequences": int(len(lengths)), "seq_len": int(batch["input_ids"].shape[1]),
                   "real_tokens": int(lengths.sum()), "mean_length": float(lengths.mean())},
         "r0_input": r0_input,
-        "forward_variance": measured.forward_variance.tolist(),
-        "predicted_forward_variance": pred.forward_variance.tolist(),
-        "correlation": measured.correlation.tolist(),
-        "predicted_correlation": pred.correlation.tolist(),
-        "grad_norm": g.tolist(),
-        "predicted_grad_norm": p_norm.tolist(),
+        **measured.layer_curves(),
+        **pred.layer_curves("predicted_", grad_scale=scale),
+        # the stream gradient's variance is matched to the measurement on its own
+        "predicted_grad_variance": p_gvar.tolist(),
         "predicted_grad_norm_relative": pred.grad_norm.tolist(),
         "grad_norm_scale": scale,
-        "grad_norms": {k: v.tolist() for k, v in measured.grad_norms.items()},
-        "predicted_grad_norms": {k: (v * scale).tolist() for k, v in pred.grad_norms.items()},
-        "grad_variance": measured.grad_variance.tolist(),
-        "predicted_grad_variance": p_gvar.tolist(),
-        "grad_correlation": measured.grad_correlation.tolist(),
-        "predicted_grad_correlation": pred.grad_correlation.tolist(),
         "embedding_variance": measured.embedding_variance,
         "predicted_embedding_variance": pred.embedding_variance,
         "loss": measured.loss,
@@ -335,12 +308,6 @@ def replot(folder) -> list[Path]:
     return _write_figures(record["runs"], folder)
 
 
-def _write_json(record: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _summary_line(run) -> str:
     a, s = run["agreement"], run["summary"]
     fv = s["forward_variance_first_mid_last"]
@@ -358,25 +325,25 @@ def run(args) -> int:
 
     start = time.perf_counter()
     device = resolve_device(args.device)
-    s = _settings(args, device)
+    settings = _resolve(args, device)
     placements = _placements(args)
+    for ln in placements:   # fail on impossible settings before any work (the vocabulary comes later)
+        _config(args, ln, vocab_size=30522)
     out = Path(args.out) if args.out else Path("outputs") / "figures" / args.init
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
     torch.manual_seed(args.seed)
-    batch, vocab_size, data_dir = _batch(args.data, s, args.seed)
-    for ln in placements:                      # fail on impossible settings before any work
-        _config(s, args.init, ln, vocab_size)
+    batch, vocab_size, data_dir = _batch(args)
 
-    print(f"dslm figures: init {args.init}, preset {s['preset']} ({s['layers']} layers, d {s['hidden']}, "
-          f"{s['heads']} heads, L {s['seq_len']}, batch {s['batch']}, dropout {s['dropout']}), "
+    print(f"dslm figures: init {args.init}, preset {args.preset} ({args.layers} layers, d {args.hidden}, "
+          f"{args.heads} heads, L {args.seq_len}, batch {args.batch}, dropout {args.dropout}), "
           f"device {device}, seed {args.seed}", flush=True)
     runs = []
     bar = tqdm(placements, desc="figures", unit="run", disable=args.quiet)
     for ln in bar:
         bar.set_postfix_str(f"{args.init} {LN_NAME[ln]}")
         timer = {}
-        runs.append(_run_one(s, args.init, ln, batch, vocab_size, device, args.seed, timer))
+        runs.append(_run_one(args, ln, batch, vocab_size, device, timer))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()
@@ -384,7 +351,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     written = _write_figures(runs, out)
     record = {
-        "command": "dslm figures", "init": args.init, "preset": s["preset"], "settings": s,
+        "command": "dslm figures", "init": args.init, "preset": args.preset, "settings": settings,
         "seed": args.seed, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "torch": torch.__version__, "data": str(data_dir),
@@ -398,7 +365,7 @@ def run(args) -> int:
                   "the geometric means. R^2 of gradient curves is computed on log values."),
     }
     json_path = out / "signal_propagation.json"
-    _write_json(record, json_path)
+    write_text_atomic(json_path, json.dumps(record, indent=1) + "\n")
     for run_ in runs:
         print(_summary_line(run_))
     print(f"wrote {', '.join(p.name for p in written + [json_path])} to {out} "

@@ -1,6 +1,6 @@
 """The model flags that every command building a fresh BERT shares, and the :class:`BertConfig` they
 describe: one spelling of each flag (``--hidden`` is ``hidden_size``, ``--dropout`` both dropouts)
-for ``dslm pretrain`` and ``dslm finetune``."""
+for ``dslm pretrain``, ``dslm finetune`` and ``dslm figures``."""
 from __future__ import annotations
 
 import argparse
@@ -10,48 +10,63 @@ from dslm.model.config import INIT_CHOICES, BertConfig
 
 
 def parse_r0(value: str):
-    """``--r0``: a number, or ``auto`` (measured on a data batch by the command that supports it)."""
+    """``--r0``: a number in (0, 1], or ``auto`` (measured on a data batch by the command that supports it)."""
     if value == "auto":
         return value
     try:
-        return float(value)
+        r0 = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
+        r0 = float("nan")   # fails the range check below
+    if not 0.0 < r0 <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'auto', got {value!r}")
+    return r0
 
 
-def add_model_arguments(group, defaults: dict | None = None) -> None:
+# flag dest -> (the BertConfig field it sets, its argparse keywords; the default is None unless given)
+MODEL_FLAGS = {
+    "layers": ("num_layers", {"type": int, "help": "transformer layers"}),
+    "hidden": ("hidden_size", {"type": int, "help": "model width d"}),
+    "heads": ("num_heads", {"type": int, "help": "attention heads"}),
+    "ffn": ("ffn_size", {"type": int, "help": "FFN width (default 4 d)"}),
+    "ln": ("ln", {"choices": ("post", "pre"), "help": "LayerNorm placement"}),
+    "activation": ("activation", {"choices": ("relu", "gelu"), "help": "FFN activation"}),
+    "init": ("init", {"choices": INIT_CHOICES, "help": "init scheme (deepnorm: Post-LN only)"}),
+    "dslm_mode": ("dslm_mode", {"choices": ("both", "init", "scaling"), "default": "both",
+                                "help": "with --init dslm: init + residual scaling, init only, or scaling only"}),
+    "lam2": ("lam2", {"type": float, "help": "DSLM lambda^2 (default 1 - beta^2)"}),
+    "beta2": ("beta2", {"type": float, "help": "DSLM beta^2 (default dslm_k / layers)"}),
+    "dslm_k": ("dslm_k", {"type": float, "default": 1.0, "help": "beta^2 = k / layers when --beta2 is not given"}),
+    "r0": ("r0", {"type": parse_r0,
+                  "help": "input correlation for the DSLM init: a number in (0, 1], or 'auto' where the command "
+                          f"measures it on a data batch (dslm pretrain, dslm figures); default {BertConfig.r0:.3f}"}),
+}
+
+
+def add_model_arguments(group, defaults: dict | None = None, exclude: tuple[str, ...] = ()) -> None:
     """Add the architecture and init flags to ``group`` (a parser or argument group). ``defaults``:
-    flag dest -> default (a flag without one defaults to None: the caller resolves it)."""
+    flag dest -> default (a flag without one defaults to None: the caller resolves it); ``exclude``:
+    dests of flags the command sets itself (``dslm figures`` draws several LayerNorm placements, so
+    it has no ``--ln``)."""
     d = defaults or {}
-    group.add_argument("--layers", type=int, default=d.get("layers"), help="transformer layers")
-    group.add_argument("--hidden", type=int, default=d.get("hidden"), help="model width d")
-    group.add_argument("--heads", type=int, default=d.get("heads"), help="attention heads")
-    group.add_argument("--ffn", type=int, default=d.get("ffn"), help="FFN width (default 4 d)")
-    group.add_argument("--ln", choices=("post", "pre"), default=d.get("ln"), help="LayerNorm placement")
-    group.add_argument("--activation", choices=("relu", "gelu"), default=d.get("activation"), help="FFN activation")
-    group.add_argument("--init", choices=INIT_CHOICES, default=d.get("init"),
-                       help="init scheme (deepnorm: Post-LN only)")
-    group.add_argument("--dslm-mode", choices=("both", "init", "scaling"), default="both",
-                       help="with --init dslm: init + residual scaling, init only, or scaling only")
-    group.add_argument("--lam2", type=float, default=None, help="DSLM lambda^2 (default 1 - beta^2)")
-    group.add_argument("--beta2", type=float, default=None, help="DSLM beta^2 (default dslm_k / layers)")
-    group.add_argument("--dslm-k", type=float, default=1.0, help="beta^2 = k / layers when --beta2 is not given")
-    group.add_argument("--r0", type=parse_r0, default=None,
-                       help="input correlation for the DSLM init: a number, or 'auto' where the command "
-                            f"measures it on a data batch (dslm pretrain); default {BertConfig.r0:.3f}")
+    for dest, (_, keywords) in MODEL_FLAGS.items():
+        if dest not in exclude:
+            group.add_argument("--" + dest.replace("_", "-"),
+                               **{**keywords, "default": d.get(dest, keywords.get("default"))})
 
 
-def config_from_args(args, vocab_size: int, seq_len: int) -> BertConfig:
-    """The :class:`BertConfig` of the model flags in ``args`` (and ``args.dropout``); ``--r0 auto``
-    leaves the default r0 for the caller to replace with a measurement. An impossible combination is
-    a one-line :class:`UsageError`."""
-    r0 = args.r0 if isinstance(args.r0, float) else None
+def config_from_args(args, vocab_size: int, seq_len: int, **fields) -> BertConfig:
+    """The :class:`BertConfig` of the model flags in ``args`` (and ``args.dropout``), with
+    ``max(512, seq_len)`` positions; ``--r0 auto`` leaves the default r0 for the caller to replace
+    with a measurement. ``fields``: BertConfig fields the command sets itself (a flag it left out
+    with ``exclude``, a measured r0, its own position count); they win over the flags. An impossible
+    combination is a one-line :class:`UsageError`."""
+    kw = {field: getattr(args, dest) for dest, (field, _) in MODEL_FLAGS.items() if hasattr(args, dest)}
+    if not isinstance(kw.get("r0"), float):   # auto or not given: the default until measured
+        kw.pop("r0", None)
+    kw.update(vocab_size=vocab_size, max_position_embeddings=max(512, seq_len),
+              hidden_dropout=args.dropout, attention_dropout=args.dropout)
+    kw.update(fields)
     try:
-        return BertConfig(vocab_size=vocab_size, hidden_size=args.hidden, num_layers=args.layers,
-                          num_heads=args.heads, ffn_size=args.ffn, max_position_embeddings=max(512, seq_len),
-                          hidden_dropout=args.dropout, attention_dropout=args.dropout, ln=args.ln,
-                          activation=args.activation, init=args.init, dslm_mode=args.dslm_mode,
-                          lam2=args.lam2, beta2=args.beta2, dslm_k=args.dslm_k,
-                          **({"r0": r0} if r0 is not None else {}))
+        return BertConfig(**kw)
     except ValueError as e:
         raise UsageError(f"model: {e}") from None

@@ -12,6 +12,12 @@ from dslm.records import jsonable_fields
 # the weight matrices of a layer, in the order of every per-matrix table (the roles of the init plan)
 GRAD_MATRICES = ("q", "k", "v", "attn_out", "ffn_in", "ffn_out")
 
+# the per-layer fields of a profile -> the power of the gradient scale they carry (a prediction's
+# gradients are relative to the top gradient: its norms scale with the loss's gradient scale c, its
+# variance with c^2)
+LAYER_CURVES = {"forward_variance": 0, "correlation": 0, "grad_norm": 1, "grad_norms": 1,
+                "grad_variance": 2, "grad_correlation": 0}
+
 
 @dataclass
 class SignalProfile:
@@ -33,3 +39,20 @@ class SignalProfile:
     def to_dict(self) -> dict:
         """JSON-ready (lists and floats)."""
         return jsonable_fields(self)
+
+    def layer_curves(self, prefix: str = "", grad_scale: float = 1.0) -> dict:
+        """The per-layer fields (:data:`LAYER_CURVES`) as JSON-ready lists, keyed ``prefix + name``
+        (``predicted_forward_variance``, ...), so a measurement and a prediction sit side by side in
+        one record. ``grad_scale``: the constant c that puts relative gradients on a measurement's
+        scale (norms times c, variance times c^2)."""
+        return {prefix + name: _scaled(getattr(self, name), grad_scale ** power)
+                for name, power in LAYER_CURVES.items()}
+
+
+def _scaled(curve, factor: float):
+    """``curve`` (an array, a dict of arrays or None) times ``factor``, as lists."""
+    if curve is None:
+        return None
+    if isinstance(curve, dict):
+        return {k: _scaled(v, factor) for k, v in curve.items()}
+    return (np.asarray(curve, dtype=float) * factor).tolist()
