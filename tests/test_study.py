@@ -166,6 +166,7 @@ def test_quick_study_runs_resumes_and_reports(tmp_path):
     assert first.returncode == 0, first.stdout + first.stderr
     result = json.loads((out / "results.json").read_text())
     assert len(result["runs"]) == 12 and all(r["status"] == "done" for r in result["runs"])
+    assert all(r["device_name"].startswith("cpu (") for r in result["runs"])   # the machine of each run
     assert result["unigram_valid_loss"] > 4.0
     for cell in result["cells"]:
         assert cell["complete"] and cell["n"] == 2 and cell["best_lr"] in (1e-3, 3e-3)
@@ -238,3 +239,16 @@ def test_grad_profile_plot(tmp_path):
             for n in (3, 6) for s in ("a", "b")]
     plot_grad_profiles(runs, tmp_path / "g.png")
     assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_device_name_of_a_gpu_slot_is_that_gpus_model(monkeypatch):
+    """A slot on the second visible GPU is named by torch.cuda for index 1 (CUDA_VISIBLE_DEVICES ids
+    need not be 0, 1, ...)."""
+    import torch
+
+    from dslm.study.runner import device_name
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU model #{i}")
+    slots = [("cuda", "3"), ("cuda", "3"), ("cuda", "5"), ("cuda", "5")]
+    assert device_name(slots[2], slots) == "GPU model #1" and device_name(slots[1], slots) == "GPU model #0"
+    assert device_name(("cpu", None), [("cpu", None)]).startswith("cpu (")

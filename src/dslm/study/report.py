@@ -212,11 +212,22 @@ def _fmt(mean, std=None) -> str:
     return f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None and math.isfinite(std) else "")
 
 
+def _machines_line(runs: list[dict]) -> str:
+    """Which machines ran the runs (timings compare only within one)."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        name = run.get("device_name") or run.get("device", "unknown")
+        counts[name] = counts.get(name, 0) + 1
+    shown = ", ".join(f"{name} ({n} runs)" for name, n in sorted(counts.items()))
+    return f"Machines: {shown or 'none yet'}; losses compare across them, wall-clock times only within one."
+
+
 def markdown(spec: Spec, result: dict) -> str:
     cells, lines = result["cells"], [f"# Study {spec.name}", ""]
     if result["unigram_valid_loss"] is not None:
         lines += [f"Unigram reference loss of the valid split: {result['unigram_valid_loss']:.3f} nats "
                   f"(a run ending above {result['unigram_valid_loss'] - STALL_MARGIN:.3f} counts as stalled).", ""]
+    lines += [_machines_line(result["runs"]), ""]
     for fam in spec.families.values():
         lines += [f"## Family {fam.name} ({fam.tokens / 1e6:.1f}M tokens per run)", "",
                   "Final valid MLM loss at each cell's best lr: mean ± std over seeds (n), best lr.", "",

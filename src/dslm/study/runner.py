@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -88,6 +89,18 @@ def slots_for(device: str, gpus: int | None, per_gpu: int, jobs: int) -> list[tu
     ids = os.environ.get("CUDA_VISIBLE_DEVICES")
     names = ids.split(",")[:count] if ids else [str(i) for i in range(count)]
     return [("cuda", name) for name in names for _ in range(per_gpu)]
+
+
+def device_name(slot: tuple[str, str | None], slots: list) -> str:
+    """What a run's record names as its machine: the GPU model (``NVIDIA H100 80GB HBM3``) or the
+    CPU, so that timings from batches on different machines are never compared unknowingly."""
+    device, visible = slot
+    if device == "cpu":
+        return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+    import torch
+
+    order = list(dict.fromkeys(name for kind, name in slots if kind == "cuda"))
+    return torch.cuda.get_device_name(order.index(visible))
 
 
 class StudyRunner:
@@ -240,7 +253,8 @@ class StudyRunner:
             "test_mlm_loss": test.get("mlm_loss"), "test_mlm_acc": test.get("mlm_acc"),
             "train_loss": final.get("train", {}).get("loss"), "skipped_steps": final.get("skipped_steps"),
             "peak_mem_gib": final.get("train", {}).get("peak_mem_gib"),
-            "device": self.slots[job.slot][0], "data_sha256": self.data_sha256, "flags": job.flags,
+            "device": self.slots[job.slot][0], "device_name": device_name(self.slots[job.slot], self.slots),
+            "data_sha256": self.data_sha256, "flags": job.flags,
             **({"grad_profile": final["grad_profile"]} if "grad_profile" in final else {}),
             "curve_train": train_curve, "curve_valid": valid_curve,
             **({"log_tail": log_tail[-2000:]} if status != "done" else {}),
