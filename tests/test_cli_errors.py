@@ -98,3 +98,14 @@ def test_config_error_renders_fields_and_flags():
     e = ConfigError("{global_batch} 6 is not a multiple of {micro_batch} 4 (saved {'a': 1})")
     assert str(e) == "global_batch 6 is not a multiple of micro_batch 4 (saved {'a': 1})"
     assert e.for_cli() == "--global-batch 6 is not a multiple of --micro-batch 4 (saved {'a': 1})"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-iters", "0"], "argument --eval-iters: expected a positive integer or 'all', got 0"),
+    (["--peak-tflops", "-1"], "--peak-tflops -1.0: must be a positive number"),
+])
+def test_pretrain_flag_values_without_meaning_are_refused(tmp_path, capsys, flags, message):
+    code, err = _run(capsys, "pretrain", "--preset", "tiny", "--device", "cpu", "--steps", "2",
+                     "--out-dir", str(tmp_path / "run"), *flags)
+    assert code == 2 and message in err and not (tmp_path / "run").exists()
+

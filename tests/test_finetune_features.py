@@ -92,4 +92,11 @@ def test_cache_reuses_and_keys(tmp_path, tok):
     msgs = []
     F.cached_encode(tmp_path, "t-train", key, build, log=msgs.append)
     assert len(calls) == 2 and "unreadable cache" in msgs[0]
+    # a truncated or bit-flipped .npz (a zip archive) is rebuilt too
+    path = tmp_path / f"t-train-{key}.npz"
+    good = path.read_bytes()
+    for damaged in (good[:len(good) // 2], good[:40] + bytes(b ^ 0xFF for b in good[40:296]) + good[296:]):
+        path.write_bytes(damaged)
+        F.cached_encode(tmp_path, "t-train", key, build, log=msgs.append)
+    assert len(calls) == 4 and all("unreadable cache" in m for m in msgs)
     assert torch.is_tensor(F.EncodedDataset(enc2, 0, 32).get_batch([0])["input_ids"])

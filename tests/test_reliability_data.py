@@ -191,6 +191,21 @@ def test_read_only_dataset_still_loads(tmp_path, monkeypatch):
     assert not (out / VERIFIED_FILE).exists() and not list(out.glob("*.tmp"))
 
 
+def test_a_store_changed_after_verification_is_caught_when_read(tmp_path):
+    """tokens.bin rewritten in place after it was verified, size and modification time kept (the
+    verification record still matches): the batch that reads a bad id is one line, not an IndexError."""
+    out = prepare_small(tmp_path, make_documents(20))
+    PretrainingDataset(out, seq_len=32)                       # verified and recorded
+    path = out / "tokens.bin"
+    stat = path.stat()
+    tokens = np.fromfile(path, dtype="<u2")
+    (~tokens).astype("<u2").tofile(path)                      # every id now >= 65535 - 200
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    dataset = PretrainingDataset(out, seq_len=32)
+    with pytest.raises(UsageError, match=r"token id \d+ outside the 200-token vocabulary: tokens.bin changed"):
+        dataset.get_batch(range(4))
+
+
 def test_token_ids_outside_the_vocabulary_are_caught(tmp_path):
     """A store whose checksum matches but holds ids past the vocabulary (a bad producer) is refused."""
     out = prepare_small(tmp_path, make_documents(20))

@@ -108,8 +108,12 @@ def test_spec_errors_are_one_line(tmp_path):
     check(SPEC.replace('method = "b"', 'method = "zz"'), "not a scheme")
     check(SPEC + "\nbogus = 1\n", "unknown keys bogus")
     check("data = [", "not a valid TOML spec")
+    check(SPEC.replace("hidden = 16, heads = 2", "hidden = 16, heads = 3"), r"heads dividing hidden \(got 7, 16, 3\)")
     with pytest.raises(UsageError, match="no such study spec"):
         load_spec(tmp_path / "missing.toml")
+    (tmp_path / "binary.toml").write_bytes(bytes(range(256)))
+    with pytest.raises(UsageError, match="not a text file"):
+        load_spec(tmp_path / "binary.toml")
 
 
 def test_run_flags_and_parameter_count(spec):

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dslm.data.vocab import SpecialIds
+from dslm.errors import UsageError
 
 MASK_TOKEN_PROB, RANDOM_TOKEN_PROB = 0.8, 0.1
 _DRAWS_PER_TOKEN = 3  # per position: span priority, n-gram size, 80/10/10 action
@@ -250,6 +251,9 @@ class SampleBuilder:
         in2 = (pos >= l1 + 2) & (pos < l1 + 2 + l2)
         source = np.where(in1, s1_start[:, None] + pos - 1, np.where(in2, s2_start[:, None] + pos - l1 - 2, 0))
         text = np.asarray(self.tokens[source], dtype=np.int64)
+        if text.max(initial=0) >= len(self.continuation):   # the store changed after it was verified
+            raise UsageError(f"token id {int(text.max())} outside the {len(self.continuation)}-token vocabulary: "
+                             "tokens.bin changed after it was verified; re-run 'dslm prepare-data --force'")
         sep = (pos == l1 + 1) | (pos == l1 + l2 + 2)
         sp = self.special
         ids = np.where(in1 | in2, text, np.where(pos == 0, sp.cls, np.where(sep, sp.sep, sp.pad)))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def cached_encode(cache_dir: Path | None, name: str, key: str, build, wait: bool
         try:
             enc, meta = Encoded.load(path)
             return enc, meta
-        except (OSError, ValueError, KeyError, EOFError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             log(f"{path}: unreadable cache ({e.__class__.__name__}), tokenising again")
     t0 = time.perf_counter()
     enc, meta = build()

@@ -156,7 +156,10 @@ def load_spec(path: str | Path) -> Spec:
 
 
 def _read(path: Path) -> dict:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a text file (a study spec is TOML or JSON)") from None
     try:
         if path.suffix == ".json":
             return json.loads(text)
@@ -190,6 +193,10 @@ def _family(name: str, f: dict, schemes: dict, earlier: dict, fail) -> Family:
         s = {_key(k): v for k, v in dict(s).items()}
         if set(s) - SHAPE_KEYS or not {"layers", "hidden", "heads"} <= set(s):
             fail(f"family {name} shape {shape}: needs layers, hidden, heads (and optionally ffn)")
+        if not all(isinstance(s[k], int) and s[k] > 0 for k in ("layers", "hidden", "heads")) \
+                or s["hidden"] % s["heads"]:
+            fail(f"family {name} shape {shape}: layers, hidden and heads must be positive integers, "
+                 f"heads dividing hidden (got {s['layers']}, {s['hidden']}, {s['heads']})")
         shapes[str(shape)] = s
     if not shapes:
         fail(f"family {name}: no shapes")

@@ -142,8 +142,10 @@ def _eval_iters(value: str):
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'all', got {value!r}") from None
-    return None if n <= 0 else n
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {n}")
+    return n
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None,
@@ -251,6 +253,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.cuda_graphs and cfg.compile:
         bad("cuda_graphs", "cannot be combined with {compile} (capturing Inductor's random-number kernels in a "
                            "CUDA graph fails); use one of them")
+    if cfg.peak_tflops is not None and not (cfg.peak_tflops > 0 and math.isfinite(cfg.peak_tflops)):
+        bad("peak_tflops", f"{cfg.peak_tflops}: must be a positive number")
     if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1 and cfg.adam_eps > 0):
         bad("adam_beta1", "and {adam_beta2} must be in [0, 1), {adam_eps} > 0")
 
