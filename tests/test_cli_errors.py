@@ -109,3 +109,25 @@ def test_pretrain_flag_values_without_meaning_are_refused(tmp_path, capsys, flag
                      "--out-dir", str(tmp_path / "run"), *flags)
     assert code == 2 and message in err and not (tmp_path / "run").exists()
 
+
+
+def test_a_model_beyond_memory_is_refused_before_it_is_built(tmp_path, capsys):
+    """16 bytes per parameter (weights, gradients, AdamW moments) against the device's memory, counted
+    on the meta device: refused in one line, nothing allocated, no run folder."""
+    data = tmp_path / "data"
+    assert main(["prepare-data", "--source", "embedded", "--out", str(data), "--no-progress"]) == 0
+    capsys.readouterr()
+    code, err = _run(capsys, "pretrain", "--preset", "tiny", "--data", str(data), "--device", "cpu", "--steps", "2",
+                     "--layers", "2", "--hidden", "65536", "--heads", "1", "--out-dir", str(tmp_path / "run"))
+    assert code == 2 and "alone need" in err and "GiB of cpu; choose smaller sizes" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_parameter_count_is_the_built_models():
+    from dslm.model import BertConfig, BertForPreTraining
+    from dslm.train.pretrain import PretrainTask
+
+    config = BertConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2)
+    task = PretrainTask.__new__(PretrainTask)
+    task.config = config
+    assert task.parameter_count() == sum(p.numel() for p in BertForPreTraining(config).parameters())

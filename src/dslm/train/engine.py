@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import shutil
 import signal
 import threading
@@ -45,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from dslm.files import copy_atomic
-from dslm.errors import ConfigError
+from dslm.errors import ConfigError, UsageError
 from dslm.train import checkpoint as ckpt_io
 from dslm.train import distributed as D
 from dslm.train.loader import default_loader
@@ -437,6 +438,32 @@ class _Lagged:
         return step, host.tolist()
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on ``device`` (a GPU's total, or the machine's physical memory), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(task, device: torch.device, shards: int = 1) -> None:
+    """Refuse, before anything is built, a model whose fp32 weights, gradients and two AdamW moments
+    (16 bytes per parameter, split over ``shards`` FSDP ranks) alone exceed the device's memory: a
+    lower bound on the peak, activations come on top. Needs the task's optional ``parameter_count()``."""
+    count = getattr(task, "parameter_count", None)
+    limit = device_memory(device) if count is not None else None
+    if not limit:
+        return
+    n = count()
+    need = 16 * n / shards
+    if need > limit:
+        raise UsageError(f"the model has {n / 1e6:,.0f}M parameters: its weights, gradients and AdamW state alone "
+                         f"need {need / 2**30:,.1f} GiB (16 bytes each), more than the {limit / 2**30:,.1f} GiB of "
+                         f"{device.type}; choose smaller sizes (layers, width)")
+
+
 def _accumulation(cfg: TrainConfig, world: int) -> tuple[int, int]:
     micro = cfg.micro_batch or max(1, cfg.global_batch // world)
     if cfg.global_batch % (micro * world):
@@ -516,6 +543,7 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
 
+        check_memory(task, self.device, self.world if cfg.fsdp else 1)
         _seed(cfg.seed)  # same initial weights on every rank
         model = task.build_model()
         if cfg.compile:

@@ -145,6 +145,11 @@ class PretrainTask:
     def config_dict(self) -> dict:
         return {**self.config.to_dict(), "seq_len": self.seq_len}
 
+    def parameter_count(self) -> int:
+        """Parameters of the model this task builds, counted on the meta device (nothing allocated)."""
+        with torch.device("meta"):
+            return sum(p.numel() for p in BertForPreTraining(self.config, init=False).parameters())
+
     def run_files(self) -> dict:
         """The run folder carries its vocabulary, so that `dslm finetune --init-from` finds it."""
         return {"vocab.txt": self.data_dir / "vocab.txt"}

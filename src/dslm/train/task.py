@@ -27,7 +27,8 @@ A task owns everything specific to one job (pretraining, a GLUE finetune, ...):
 Optional attributes the engine reads if present: ``tokens_per_item`` (int, for tokens/s),
 ``flops_per_token(model)`` (float, for MFU), ``config_dict()`` (JSON-able dict saved in every
 checkpoint so that ``--load`` can refuse an incompatible one), ``run_files()`` (``{name: path}``
-copied into ``out_dir`` once a fresh run has claimed it, e.g. the vocabulary).
+copied into ``out_dir`` once a fresh run has claimed it, e.g. the vocabulary), ``parameter_count()``
+(checked against the device's memory before the model is built).
 """
 from __future__ import annotations
 
