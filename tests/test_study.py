@@ -11,7 +11,8 @@ import pytest
 
 from dslm.errors import UsageError
 from dslm.study.report import summarize_cells, verdict
-from dslm.study.spec import Run, as_argv, lr_step, load_spec, non_embedding_params, plan, pretrain_flags
+from dslm.study.spec import (Run, as_argv, half_steps, load_spec, lr_step, non_embedding_params, plan,
+                             pretrain_flags)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,6 +97,33 @@ def test_extension_stops_at_extend_and_diverged_runs_never_win(spec):
     assert {r.lr for r in plan(spec, records) if r.seed == 1} == {3e-4}   # 1e-3 is best, at the lower edge
 
 
+def test_a_cell_whose_whole_sweep_stalled_runs_the_half_steps(tmp_path):
+    """refine = true: when the best run of a cell's sweep (edges extended) ends above the stall line,
+    the midpoints between its lrs run too and the best of all is seeded; a trained cell, a family
+    without refine, or an unknown stall line (no unigram reference) never refines."""
+    path = tmp_path / "r.toml"
+    path.write_text(SPEC.replace("extend = 1", "extend = 0\nrefine = true"))
+    refined = load_spec(path)
+    assert half_steps([1e-3, 3e-3]) == [1.7e-3]
+    records = {}
+    sweep = [r for r in plan(refined, records, stall_line=6.5) if r.shape == "2x8" and r.scheme == "a"]
+    assert [r.lr for r in sweep] == [1e-3, 3e-3]
+    # 2x8/a stalls at both lrs (the slow one above the line too); 2x8/b and 8x4 train
+    finish(records, plan(refined, records, stall_line=6.5),
+           lambda r: (7.0 if r.lr == 1e-3 else 6.6) if (r.shape, r.scheme) == ("2x8", "a") else 5.0)
+    todo = plan(refined, records, stall_line=6.5)
+    assert {(r.shape, r.scheme, r.lr) for r in todo if r.seed == 1 and r.family == "S"} == {("2x8", "a", 1.7e-3)}
+    assert not any((r.shape, r.scheme) == ("2x8", "a") for r in todo if r.seed > 1)   # seeds wait
+    # without a stall line, or in a family without refine, the stalled cell is seeded at once
+    assert {r.seed for r in plan(refined, records) if (r.shape, r.scheme) == ("2x8", "a")} == {2, 3}
+    (tmp_path / "p.toml").write_text(SPEC.replace("extend = 1", "extend = 0"))
+    plain = load_spec(tmp_path / "p.toml")
+    assert {r.seed for r in plan(plain, records, stall_line=6.5) if (r.shape, r.scheme) == ("2x8", "a")} == {2, 3}
+    finish(records, [r for r in todo if r.seed == 1 and r.family == "S"], lambda r: 6.2)   # the half step trains
+    seeds = [r for r in plan(refined, records, stall_line=6.5) if (r.shape, r.scheme) == ("2x8", "a")]
+    assert {(r.lr, r.seed) for r in seeds} == {(1.7e-3, 2), (1.7e-3, 3)}
+
+
 def test_spec_errors_are_one_line(tmp_path):
     def check(text, match):
         path = tmp_path / "bad.toml"
@@ -107,6 +135,7 @@ def test_spec_errors_are_one_line(tmp_path):
     check(SPEC.replace('lrs = [1e-3, 3e-3]', ''), "exactly one of 'lrs' and 'lrs_around'")
     check(SPEC.replace('method = "b"', 'method = "zz"'), "not a scheme")
     check(SPEC + "\nbogus = 1\n", "unknown keys bogus")
+    check(SPEC.replace("extend = 1", "extend = 1\nrefine = 1"), "refine must be true or false")
     check("data = [", "not a valid TOML spec")
     check(SPEC.replace("hidden = 16, heads = 2", "hidden = 16, heads = 3"), r"heads dividing hidden \(got 7, 16, 3\)")
     with pytest.raises(UsageError, match="no such study spec"):

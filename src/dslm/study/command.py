@@ -80,7 +80,7 @@ def run(args) -> int:
     from dslm.data.evalset import FrozenEvalSet, unigram_cross_entropy
     from dslm.study.report import write_results
     from dslm.study.runner import StudyRunner, read_records, slots_for, summary_line
-    from dslm.study.spec import as_argv, load_spec, pretrain_flags
+    from dslm.study.spec import as_argv, load_spec, pretrain_flags, stall_line
 
     _check(args)
     spec = load_spec(args.spec)
@@ -99,7 +99,8 @@ def run(args) -> int:
         write_results(spec, out, read_records(out), unigram, meta, plots=not args.no_plots)
         print(f"results: {out / 'results.md'}")
         return 0
-    runner = StudyRunner(spec, out, work, slots, args.time_limit, args.retry_failed, args.max_failures)
+    runner = StudyRunner(spec, out, work, slots, args.time_limit, args.retry_failed, args.max_failures,
+                         stall_line=stall_line(unigram))
     print(f"study {spec.name}: {summary_line(runner.records, len(runner.pending()))}; "
           f"{len(slots)} slot(s) on {slots[0][0]}; unigram valid loss {unigram:.3f}", flush=True)
     if args.dry_run:

@@ -28,9 +28,7 @@ import statistics
 from pathlib import Path
 
 from dslm.files import write_json_atomic, write_text_atomic
-from dslm.study.spec import Spec, cell_search, run_loss
-
-STALL_MARGIN = 0.1
+from dslm.study.spec import STALL_MARGIN, Spec, cell_search, run_loss, stall_line
 CSV_COLUMNS = ("id", "family", "shape", "scheme", "layers", "hidden", "non_embedding_params", "lr", "seed",
                "status", "steps", "tokens", "wall_s", "tokens_per_s", "valid_mlm_loss", "valid_mlm_acc",
                "test_mlm_loss", "test_mlm_acc", "train_loss", "skipped_steps")
@@ -48,7 +46,7 @@ def summarize_cells(spec: Spec, records: dict, unigram: float | None) -> list[di
             for scheme in fam.schemes:
                 runs = [r for r in records.values() if (r["family"], r["shape"], r["scheme"]) ==
                         (fam.name, shape_name, scheme)]
-                lrs, best = cell_search(spec, fam, shape_name, scheme, records)
+                lrs, best = cell_search(spec, fam, shape_name, scheme, records, stall_line(unigram))
                 sweep = {f"{r['lr']:g}": run_loss(r) for r in runs if r["seed"] == fam.search_seed}
                 at_best = {r["seed"]: run_loss(r) for r in runs if best is not None and r["lr"] == best}
                 losses = list(at_best.values())

@@ -105,8 +105,9 @@ def device_name(slot: tuple[str, str | None], slots: list) -> str:
 
 class StudyRunner:
     def __init__(self, spec: Spec, out: Path, work: Path, slots: list, time_limit: float | None = None,
-                 retry_failed: bool = False, max_failures: int = 3, echo=print):
+                 retry_failed: bool = False, max_failures: int = 3, echo=print, stall_line: float | None = None):
         self.spec, self.out, self.work, self.slots = spec, out, work, slots
+        self.stall_line = stall_line      # for the learning-rate refinement (spec.cell_search)
         self.time_limit, self.max_failures, self.echo = time_limit, max_failures, echo
         self.failures_in_a_row = 0
         self.data_sha256 = dataset_fingerprint(spec.data)
@@ -155,7 +156,7 @@ class StudyRunner:
 
     def pending(self) -> list[Run]:
         busy = {job.run.id for job in self.running.values()}
-        return [r for r in plan(self.spec, self.records) if r.id not in busy]
+        return [r for r in plan(self.spec, self.records, self.stall_line) if r.id not in busy]
 
     def _on_signal(self, signum, frame):
         self.stop_reason = signal.Signals(signum).name

@@ -55,6 +55,7 @@ class Family:
     around_points: int = 3
     around_scheme: str | None = None
     extend: int = 2
+    refine: bool = False                          # half-step lrs for a cell whose whole sweep stalled
     seeds: tuple[int, ...] = (1,)
     evals: int = 8
     train: dict = field(default_factory=dict)   # flags over [train] for this family's runs
@@ -182,7 +183,7 @@ def _key(name: str) -> str:
 
 def _family(name: str, f: dict, schemes: dict, earlier: dict, fail) -> Family:
     known = {"tokens", "shapes", "schemes", "lrs", "lrs_around", "around_points", "around_scheme", "extend",
-             "seeds", "evals", "train"}
+             "refine", "seeds", "evals", "train"}
     if set(f) - known:
         fail(f"family {name}: unknown keys {', '.join(sorted(set(f) - known))}")
     tokens = f.get("tokens")
@@ -229,8 +230,11 @@ def _family(name: str, f: dict, schemes: dict, earlier: dict, fail) -> Family:
     train = {_key(k): v for k, v in dict(f.get("train", {})).items()}
     if set(train) & RESERVED:
         fail(f"family {name}: train sets {', '.join(sorted(set(train) & RESERVED))}, which the study sets itself")
-    return Family(name, int(tokens), shapes, chosen, lrs, around, points, source_scheme, extend, seeds, evals,
-                  train)
+    refine = f.get("refine", False)
+    if not isinstance(refine, bool):
+        fail(f"family {name}: refine must be true or false")
+    return Family(name, int(tokens), shapes, chosen, lrs, around, points, source_scheme, extend, refine, seeds,
+                  evals, train)
 
 
 # ---- planning ----------------------------------------------------------------------------------
@@ -255,14 +259,49 @@ def run_loss(record: dict | None) -> float:
         else math.inf
 
 
-def cell_search(spec: Spec, fam: Family, shape: str, scheme: str, records: dict) -> tuple[list[float], float | None]:
+# a run that ends less than this far under the unigram reference loss never left the token-frequency
+# plateau: it stalled
+STALL_MARGIN = 0.1
+
+
+def stall_line(unigram: float | None) -> float | None:
+    """The final valid loss a run must end below to count as trained (None: unknown)."""
+    return None if unigram is None else unigram - STALL_MARGIN
+
+
+def cell_search(spec: Spec, fam: Family, shape: str, scheme: str, records: dict,
+                stall_line: float | None = None) -> tuple[list[float], float | None]:
     """The learning rates a cell's search needs now, and its best learning rate once the search is
-    complete (None before). ``records`` maps run ids to finished-run records."""
+    complete (None before). ``records`` maps run ids to finished-run records. With ``fam.refine``
+    and a ``stall_line`` (the loss a run must end below to count as trained), a cell whose best run
+    of the sweep stalled also runs the half steps between its learning rates (:func:`half_steps`)."""
+    lrs, best = _sweep(spec, fam, shape, scheme, records, stall_line)
+    if best is None or not fam.refine or stall_line is None:
+        return lrs, best
+    loss = lambda lr: run_loss(records.get(Run(fam.name, shape, scheme, lr, fam.search_seed).id))  # noqa: E731
+    if not (math.isfinite(loss(best)) and loss(best) > stall_line):
+        return lrs, best
+    lrs = sorted(set(lrs) | set(half_steps(lrs)))
+    losses = [loss(lr) for lr in lrs]
+    if any(x is None for x in losses):
+        return lrs, None
+    return lrs, lrs[min(range(len(lrs)), key=lambda i: losses[i])]
+
+
+def half_steps(lrs: list[float]) -> list[float]:
+    """The geometric midpoint of each adjacent pair of a sorted grid, at two significant digits
+    (1e-4, 3e-4, 1e-3 -> 1.7e-4, 5.5e-4)."""
+    return [float(f"{math.sqrt(a * b):.2g}") for a, b in zip(lrs, lrs[1:])]
+
+
+def _sweep(spec: Spec, fam: Family, shape: str, scheme: str, records: dict,
+           stall_line: float | None) -> tuple[list[float], float | None]:
+    """The grid search with its extension past an edge where the best lr sits (``fam.extend``)."""
     if fam.lrs_around is not None:
         source = spec.families[fam.lrs_around]
         layers = fam.shapes[shape]["layers"]
         src_shape = min(source.shapes, key=lambda k: abs(math.log(source.shapes[k]["layers"] / layers)))
-        centre = cell_search(spec, source, src_shape, fam.around_scheme or scheme, records)[1]
+        centre = cell_search(spec, source, src_shape, fam.around_scheme or scheme, records, stall_line)[1]
         if centre is None:
             return [], None
         grid = [centre] if fam.around_points == 1 else [lr_step(centre, False), centre, lr_step(centre, True)]
@@ -286,13 +325,14 @@ def cell_search(spec: Spec, fam: Family, shape: str, scheme: str, records: dict)
             return lrs, best
 
 
-def plan(spec: Spec, records: dict) -> list[Run]:
-    """Every run the study still needs that can start now, in spec order."""
+def plan(spec: Spec, records: dict, stall_line: float | None = None) -> list[Run]:
+    """Every run the study still needs that can start now, in spec order (``stall_line``: see
+    :func:`cell_search`)."""
     todo = []
     for fam in spec.families.values():
         for shape in fam.shapes:
             for scheme in fam.schemes:
-                lrs, best = cell_search(spec, fam, shape, scheme, records)
+                lrs, best = cell_search(spec, fam, shape, scheme, records, stall_line)
                 runs = [Run(fam.name, shape, scheme, lr, fam.search_seed) for lr in lrs]
                 if best is not None:
                     runs += [Run(fam.name, shape, scheme, best, seed) for seed in fam.seeds[1:]]
