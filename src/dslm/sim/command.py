@@ -8,7 +8,7 @@ from pathlib import Path
 from dslm.errors import UsageError
 from dslm.files import write_text_atomic
 from dslm.runtime import resolve_device
-from dslm.sim.components import COMPONENTS
+from dslm.sim.components import CAUSAL, COMPONENTS
 from dslm.sim.runner import (FUSED_MODES, GRIDS, PRECISIONS, format_report, load_grid_file, resolve_fused,
                              resolve_grid, resolve_precision, run_component, warm_up)
 
@@ -29,6 +29,9 @@ def add_arguments(p):
                         "and partial sums in registers, 2.5-2.7x faster on an H100 (auto: on cuda when "
                         "triton is installed; off: the PyTorch path; a seed gives different numbers "
                         "on the two paths)")
+    p.add_argument("--causal", action="store_true",
+                   help=f"the causal (decoder) forms: query t sees keys 1..t; for {' and '.join(CAUSAL)} only "
+                        "(all = these two); compared with dslm.theory.causal")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed + device = same JSON)")
     p.add_argument("--budget-gb", type=float, default=None,
                    help="memory per batched chunk in GiB (default 16 on cuda, 3 on cpu)")
@@ -37,12 +40,15 @@ def add_arguments(p):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _selected(names: list[str]) -> list[str]:
+def _selected(names: list[str], causal: bool = False) -> list[str]:
+    table = CAUSAL if causal else COMPONENTS
     if "all" in names:
-        return list(COMPONENTS)
+        return list(table)
     for name in names:
         if name not in COMPONENTS:
             raise UsageError(f"unknown component {name!r}; choose all or any of {', '.join(COMPONENTS)}")
+        if name not in table:
+            raise UsageError(f"--causal: {name} has no causal form; choose all or any of {', '.join(CAUSAL)}")
     return list(dict.fromkeys(names))
 
 
@@ -67,15 +73,16 @@ def _check_output(out: Path) -> Path:
 
 
 def run(args) -> int:
-    names = _selected(args.component)
+    table = CAUSAL if args.causal else COMPONENTS
+    names = _selected(args.component, args.causal)
     if args.grid in GRIDS:
         specs = {name: args.grid for name in names}
     else:
         file_grid = load_grid_file(args.grid)
-        specs = {name: g for name, g in file_grid.items() if "all" in args.component or name in names}
+        specs = {name: g for name, g in file_grid.items() if name in names}
         if not specs:
             raise UsageError(f"grid file {args.grid} has none of the requested components")
-    grids = {name: resolve_grid(COMPONENTS[name], spec) for name, spec in specs.items()}
+    grids = {name: resolve_grid(table[name], spec) for name, spec in specs.items()}
     if args.budget_gb is not None and args.budget_gb <= 0:
         raise UsageError("--budget-gb must be > 0")
     out = _check_output(Path(args.json)) if args.json else None
@@ -85,21 +92,21 @@ def run(args) -> int:
     budget = int(args.budget_gb * 2 ** 30) if args.budget_gb else None
 
     print(f"dslm simulate: grid {args.grid}, device {device}, precision {precision}, "
-          f"fused kernels {'on' if fused else 'off'}, seed {args.seed}")
-    startup = warm_up(list(grids), device, precision, fused)
+          f"fused kernels {'on' if fused else 'off'}, seed {args.seed}{', causal' if args.causal else ''}")
+    startup = warm_up(list(grids), device, precision, fused, args.causal)
     if startup:
         print(f"CUDA start-up (context, libraries, kernels{', Triton compiles' if fused else ''}; "
               f"not in the times below): {startup:.1f} s")
     results, start = {}, time.perf_counter()
     for name, grid in grids.items():
-        results[name] = run_component(COMPONENTS[name], grid, device, precision, args.seed, budget,
+        results[name] = run_component(table[name], grid, device, precision, args.seed, budget,
                                       progress=not args.quiet, fused=fused)
         print(format_report(results[name]), flush=True)
     total = time.perf_counter() - start
     print(f"total: {sum(r['configs'] for r in results.values())} configs in {total:.1f} s")
     if out is not None:
         record = {"grid": args.grid, "device": str(device), "precision": precision, "fused": fused,
-                  "seed": args.seed,
+                  "causal": args.causal, "seed": args.seed,
                   "total_seconds": total, "startup_seconds": startup, "components": results}
         try:
             write_text_atomic(out, json.dumps(record))

@@ -1,5 +1,6 @@
 """The seven component simulations of THEORY.md section 4: what each samples and measures, how
-:mod:`dslm.theory` predicts it, its paper and quick grids, and the rows of its report.
+:mod:`dslm.theory` predicts it, its paper and quick grids, and the rows of its report; and the causal
+(decoder) forms of softmax and single-head attention (:data:`CAUSAL`, ``dslm simulate --causal``).
 
 A simulation function receives a chunk of configurations that share their integer/shape axes
 (``S``: name -> value) and differ in their scalar axes (``P``: name -> host array of shape (C,)), and
@@ -10,6 +11,8 @@ sampled upstream gradient G, i.e. the gradient of ``sum(out * G)``.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -22,6 +25,7 @@ from dslm import theory
 from dslm.sim.estimators import (acc_dtype, device_columns, equicorrelated, mean_var, moments_from_rows,
                                  moments_from_sums, per_config, rotated_equicorrelated, rotated_moments,
                                  row_col_sums, scaled_normal, token_moments)
+from dslm.theory import causal as causal_theory
 
 THIRDS = [0.0, 1 / 3, 2 / 3]
 FIFTHS = [0.0, 0.2, 0.4, 0.6, 0.8]
@@ -55,6 +59,7 @@ class Component:
     floats_per_config: Callable        # S -> peak number of float32 values one config needs
     uses_matmul: bool = False          # precision flag applies: tf32 matmuls, or bf16 tensors
     fused: Callable | None = None      # the same simulation as one Triton kernel (dslm.sim.fused)
+    causal: bool = False               # the causally masked form (query t sees keys 1..t)
 
     @property
     def axes(self) -> tuple[str, ...]:
@@ -350,13 +355,14 @@ def _attention_backends():
     return sdpa_kernel([getattr(SDPBackend, name.upper()) for name in SHA_SDPA], set_priority=True)
 
 
-def _sim_sha(P, S, device, dtype, projected: bool | None = None):
+def _sim_sha(P, S, device, dtype, projected: bool | None = None, causal: bool = False):
     """QKV = x W with one W = [W_q | W_k | W_v] (d x 3 d_h) per config, y = SDPA(q, k, v) with
     dropout, G on y; measures y and the input gradient gx = dQKV W^T. q, k and v are the autograd
     leaves (views of one QKV tensor), so autograd stops at dq, dk, dv and never stacks them.
     ``projected`` (default: 3 d_h < d) picks :func:`_sha_projected`, which never forms the L x d
     input, over :func:`_sha_direct`; both give the same random variable. Neither forms gx: its
-    moments come from the Gram matrix of (dq, dk, dv) (:func:`_gram_grad_moments`)."""
+    moments come from the Gram matrix of (dq, dk, dv) (:func:`_gram_grad_moments`). ``causal``: SDPA's
+    causal mask (query t attends to keys 1..t); the moments are still over all tokens and token pairs."""
     C, R, L, d, dh, p = len(P["s"]), S["samples"], S["L"], S["d"], S["d_h"], S["p"]
     if projected is None:
         projected = 3 * dh < d
@@ -367,7 +373,7 @@ def _sim_sha(P, S, device, dtype, projected: bool | None = None):
     qkv, K, w = (_sha_projected if projected else _sha_direct)(P, W, R, L, device, dtype)
     q, k, v = (t.detach().requires_grad_(True) for t in qkv.view(C, R, L, 3, dh).unbind(dim=3))
     with _attention_backends():
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
     G = _upstream_gradient((C, R, L, dh), P, device, y.dtype)
     grads = torch.autograd.grad(y, (q, k, v), G)
     mean, var, cov = token_moments(y.detach())
@@ -525,3 +531,104 @@ SHA = Component(
 )
 
 COMPONENTS: dict[str, Component] = {c.name: c for c in (LINEAR, RELU, GELU, LAYERNORM, DROPOUT, SOFTMAX, SHA)}
+
+# ------------------------------------------------------------------------------ causal forms
+
+
+def _sim_softmax_causal(P, S, device, dtype):
+    """Causally masked softmax: per sample an L x L logit matrix whose rows are all one equicorrelated
+    vector x (length L) and one upstream gradient vector G (std g, r_g = 0), row t masked to its first
+    t entries. Every row has the law of the component's row (t logits with variance s^2, correlation
+    r; its own G), and the moments are averages over rows, so sharing x and G across rows changes the
+    noise, not the expectation; it lets prefix sums give every row in O(L). A row's softmax is
+    invariant to a shift of its logits, so with e_s = exp(x_s - x_1) = 1 + u_s (u from expm1, small
+    for small logits: no cancellation in fp32):
+
+        Z_t = sum_{s<=t} e_s,   sum_{s<=t} (p_ts - 1/t)^2 = [sum_{s<=t} u_s^2 - (sum_{s<=t} u_s)^2 / t] / Z_t^2,
+        Gbar_t = sum_{s<=t} e_s G_s / Z_t,
+        sum_{s<=t} gx_ts^2 = [sum e^2 G^2 - 2 Gbar_t sum e^2 G + Gbar_t^2 sum e^2] / Z_t^2,
+
+    gx_ts = p_ts (G_s - Gbar_t) the masked softmax's backward (prefix sums in fp32, totals in fp64).
+    Measured over the L (L + 1) / 2 unmasked entries: the mean, the variance of each entry about its
+    row mean 1/t (the rows sum to 1), and the mean square of gx (each row of gx sums to 0)."""
+    C, B, L = len(P["s"]), S["samples"], S["L"]
+    x = equicorrelated((C, B, L), np.zeros_like(P["s"]), P["s"], P["r"], token_dim=2, device=device)
+    G = scaled_normal((C, B, L), P["g"], device=device)
+    return causal_softmax_moments(x, G)
+
+
+def causal_softmax_moments(x: torch.Tensor, G: torch.Tensor) -> dict:
+    """Per config (axis 0), the mean, variance and gradient mean square over the unmasked entries
+    of the causally masked softmax of the L x L matrices whose rows all equal x[c, b] (shape
+    (C, B, L)), with upstream gradient rows G[c, b], by the prefix sums of :func:`_sim_softmax_causal`."""
+    B, L = x.shape[1:]
+    f64 = torch.float64
+    u = torch.expm1(x - x[:, :, :1])
+    t = torch.arange(1, L + 1, device=x.device, dtype=x.dtype)
+    e = u + 1
+    Z = e.cumsum(dim=-1)
+    Z2 = Z.square()
+    n = B * L * (L + 1) / 2
+    mean = (Z / Z).sum(dim=(1, 2), dtype=f64) / n                        # every row's probabilities sum to 1
+    dev = (u.square().cumsum(dim=-1) - u.cumsum(dim=-1).square_().div_(t)).div_(Z2)
+    var = dev.sum(dim=(1, 2), dtype=f64) / n
+    del u, dev
+    eG = e * G
+    e2G = e * eG
+    gbar = eG.cumsum(dim=-1).div_(Z)
+    gsq = (e2G * G).cumsum(dim=-1) - 2 * gbar * e2G.cumsum(dim=-1) + gbar.square() * e.square().cumsum(dim=-1)
+    return {"mean": mean, "var": var, "grad_var": gsq.div_(Z2).sum(dim=(1, 2), dtype=f64) / n}
+
+
+def _pred_softmax_causal(A):
+    s2, g2, L = A["s"] ** 2, A["g"] ** 2, A["L"]
+    out = {}
+    for variant in causal_theory.CAUSAL_SOFTMAX_VARIANTS:
+        m = causal_theory.causal_softmax(s2, A["r"], L, g2, variant)
+        out["mean"] = m.mean
+        out[f"var_{variant}"] = m.var
+        out[f"grad_var_{variant}"] = m.grad_var
+    return out
+
+
+SOFTMAX_CAUSAL = dataclasses.replace(
+    SOFTMAX,
+    simulate=_sim_softmax_causal,
+    predict=_pred_softmax_causal,
+    rows=(
+        Row("x mean", "mean", "mean"),
+        Row("x var exact", "var", "var_exact"),
+        Row("x var full (L->t)", "var", "var_full"),
+        Row("x var approx (L->t)", "var", "var_approx"),
+        Row("x var full corrected (L->t)", "var", "var_full_corrected"),
+        Row("g var exact", "grad_var", "grad_var_exact"),
+        Row("g var full (L->t)", "grad_var", "grad_var_full"),
+        Row("g var approx (L->t)", "grad_var", "grad_var_approx"),
+        Row("g var full corrected (L->t)", "grad_var", "grad_var_full_corrected"),
+    ),
+    floats_per_config=lambda S: 12 * S["samples"] * S["L"],
+    causal=True,
+)
+
+
+def _pred_sha_causal(A):
+    d = A["d"]
+    s_q = A["s_q"] / np.sqrt(d)
+    args = (A["s"] ** 2, A["r"], d, A["d_h"], A["L"], s_q, s_q, A["s_v"] / np.sqrt(d), A["p"], A["g"] ** 2,
+            A["r_g"])
+    out = _moments_dict(causal_theory.causal_attention_head(*args))
+    value = causal_theory.causal_attention_head(*args, qk_paths=False)
+    out["grad_var_value"], out["grad_cov_value"] = value.grad_var, value.grad_cov
+    return out
+
+
+SHA_CAUSAL = dataclasses.replace(
+    SHA,
+    simulate=functools.partial(_sim_sha, causal=True),
+    predict=_pred_sha_causal,
+    rows=SHA.rows + (Row("g var (value path only)", "grad_var", "grad_var_value"),
+                     Row("g cov (value path only)", "grad_cov", "grad_cov_value")),
+    causal=True,
+)
+
+CAUSAL: dict[str, Component] = {c.name: c for c in (SOFTMAX_CAUSAL, SHA_CAUSAL)}

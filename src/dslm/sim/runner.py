@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dslm.errors import ConfigError, UsageError
-from dslm.sim.components import COMPONENTS, Component
+from dslm.sim.components import CAUSAL, COMPONENTS, Component
 from dslm.sim.estimators import percentiles, relative_error
 
 # cuBLAS needs a fixed workspace for deterministic results (must be set before its first use).
@@ -149,7 +149,7 @@ def default_budget_bytes(device: torch.device) -> int:
     return (16 if device.type == "cuda" else 3) * 2 ** 30
 
 
-def warm_up(names, device: torch.device, precision: str, fused: bool = False) -> float:
+def warm_up(names, device: torch.device, precision: str, fused: bool = False, causal: bool = False) -> float:
     """Start the GPU libraries before any component is timed: one configuration of each named
     component (the first value of every paper axis) runs untimed, which creates the CUDA context
     and the cuBLAS / cuSOLVER / cuRAND handles and loads the kernels that configuration uses
@@ -158,12 +158,13 @@ def warm_up(names, device: torch.device, precision: str, fused: bool = False) ->
     Triton kernels are compiled here too, one per row width of the paper grids (a compiled kernel
     is cached on disk, so later processes load it). Returns its seconds (0 on a CPU, where
     nothing is done).
-    :func:`run_component` reseeds, so the results do not depend on it."""
+    :func:`run_component` reseeds, so the results do not depend on it. ``causal``: the components'
+    causal forms (:data:`CAUSAL`)."""
     if device.type != "cuda":
         return 0.0
     start = time.perf_counter()
     for name in names:
-        comp = COMPONENTS[name]
+        comp = (CAUSAL if causal else COMPONENTS)[name]
         first = {axis: values[:1] for axis, values in comp.paper.items()}
         if fused and comp.fused is not None:      # one config per row width: one Triton compile each
             first["d"] = comp.paper["d"]
@@ -232,6 +233,7 @@ def run_component(component: Component, grid: dict, device: torch.device, precis
         "configs": n,
         "seconds": seconds,
         "fused": ran_fused,
+        "causal": component.causal,
         "percentiles": table,
         "columns": {
             "params": {a: columns[a].tolist() for a in axes},
@@ -249,7 +251,8 @@ def _finite_list(a) -> list:
 
 def format_report(result: dict) -> str:
     """The reference's layout: one line per row, ``Error x var:  [p50, p90, p99]`` in %."""
-    lines = [f"== {result['component']}: {result['configs']} configs, {result['seconds']:.1f} s =="]
+    name = result["component"] + (" (causal)" if result.get("causal") else "")
+    lines = [f"== {name}: {result['configs']} configs, {result['seconds']:.1f} s =="]
     width = max(len(k) for k in result["percentiles"])
     for label, (p50, p90, p99) in result["percentiles"].items():
         lines.append(f"Error {label + ':':{width + 1}s} [{p50:.1f}, {p90:.1f}, {p99:.1f}]")
