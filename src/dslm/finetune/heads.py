@@ -24,7 +24,7 @@ from torch import nn
 
 from dslm.errors import UsageError
 from dslm.model import BertConfig, BertModel
-from dslm.model.bert import CONFIG_FILE, WEIGHTS_FILE, save_weights_dir
+from dslm.model.saved import CONFIG_FILE, WEIGHTS_FILE, save_weights_dir
 from dslm.theory.schemes import MEGATRON_STD
 
 

@@ -1,6 +1,7 @@
 """BERT with Pre-LN / Post-LN placement and DeepScaleLM residual scaling (THEORY.md section 3).
 
-Modules in the order data flows through them:
+Modules in the order data flows through them (the first four in :mod:`dslm.model.blocks`, shared
+with the decoder):
 
     Embeddings        word + position + token-type, summed, dropout (no LayerNorm here)
     SelfAttention     fused QKV projection, SDPA with an additive padding bias and attention dropout,
@@ -18,122 +19,19 @@ any following LayerNorm); :func:`dslm.model.hf.hf_hidden_states` maps them to HF
 """
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dslm.errors import UsageError
+from dslm.model.blocks import Embeddings, ModelOutput, TransformerLayer, dense_activation
 from dslm.model.config import BertConfig
 from dslm.model.init import init_weights
-from dslm.model.ops import attention_bias, compute_dtype, linear_relu
+from dslm.model.ops import attention_bias, compute_dtype
+from dslm.model.saved import Pretrained
 
 IGNORE_INDEX = -100
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-def _dense_activation(linear: nn.Linear, activation: str, x: torch.Tensor) -> torch.Tensor:
-    """activation(linear(x)); ReLU as one GEMM with a fused bias + ReLU epilogue (the same values,
-    :mod:`dslm.model.ops`), GeLU in its exact (erf) form, as HF's "gelu"."""
-    if activation == "relu":
-        return linear_relu(x, linear.weight, linear.bias)
-    return F.gelu(linear(x))
-
-
-class Embeddings(nn.Module):
-    """word + position + token-type embeddings, summed, then dropout."""
-
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        d = config.hidden_size
-        self.word_embeddings = nn.Embedding(config.vocab_size, d)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, d)
-        self.dropout = nn.Dropout(config.hidden_dropout)
-
-    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None):
-        """The summed embeddings before dropout, shape (batch, seq, d)."""
-        seq_len = input_ids.shape[1]
-        if seq_len > self.position_embeddings.num_embeddings:
-            raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings="
-                             f"{self.position_embeddings.num_embeddings}")
-        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:seq_len]
-        if token_type_ids is None:
-            return x + self.token_type_embeddings.weight[0]
-        return x + self.token_type_embeddings(token_type_ids)
-
-    def forward(self, input_ids, token_type_ids=None):
-        return self.dropout(self.embed(input_ids, token_type_ids))
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention. ``qkv.weight`` rows are [Q; K; V] (d rows each), heads are
-    contiguous slices of d_h features inside each."""
-
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        d = config.hidden_size
-        self.num_heads = config.num_heads
-        self.head_dim = config.head_dim
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
-        self.dropout_p = config.attention_dropout
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        b, s, d = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(b, s, d))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.fc_in = nn.Linear(config.hidden_size, config.ffn_size)
-        self.fc_out = nn.Linear(config.ffn_size, config.hidden_size)
-        self.activation = config.activation
-
-    def forward(self, x):
-        return self.fc_out(_dense_activation(self.fc_in, self.activation, x))
-
-
-class TransformerLayer(nn.Module):
-    """One layer; both residual adds are x_next = lam x + beta Dropout(block(...)) (the block's
-    bias included), with (lam^2, beta^2) = ``config.residual_variances()``: (1, 1) for plain adds,
-    lam^2 + beta^2 = 1 with DSLM residual scaling, (alpha^2, 1) with DeepNorm."""
-
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        d, eps = config.hidden_size, config.layer_norm_eps
-        self.pre_ln = config.ln == "pre"
-        self.ln1 = nn.LayerNorm(d, eps=eps)
-        self.attention = SelfAttention(config)
-        self.ln2 = nn.LayerNorm(d, eps=eps)
-        self.ffn = FeedForward(config)
-        self.dropout = nn.Dropout(config.hidden_dropout)
-        lam2, beta2 = config.residual_variances()
-        self.lam, self.beta = math.sqrt(lam2), math.sqrt(beta2)
-
-    def _residual(self, x, block):
-        block = self.dropout(block)
-        if self.lam == 1.0:
-            return torch.add(x, block, alpha=self.beta) if self.beta != 1.0 else x + block
-        return torch.add(x * self.lam, block, alpha=self.beta)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if self.pre_ln:
-            h = self._residual(x, self.attention(self.ln1(x), mask))
-            return self._residual(h, self.ffn(self.ln2(h)))
-        a = self.ln1(x)
-        h = self._residual(a, self.attention(a, mask))
-        b = self.ln2(h)
-        return self._residual(b, self.ffn(b))
 
 
 class Pooler(nn.Module):
@@ -148,25 +46,14 @@ class Pooler(nn.Module):
 
 
 @dataclass
-class _Output:
-    """Dataclass output that can also be read like a dict (``out["loss"]``)."""
-
-    def __getitem__(self, key):
-        return getattr(self, key)
-
-    def keys(self):
-        return [f.name for f in fields(self)]
-
-
-@dataclass
-class BertOutput(_Output):
+class BertOutput(ModelOutput):
     last_hidden_state: torch.Tensor            # after the final LayerNorm
     pooled_output: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None  # embedding output, then each layer's
 
 
 @dataclass
-class PreTrainingOutput(_Output):
+class PreTrainingOutput(ModelOutput):
     loss: torch.Tensor | None = None           # mlm_loss + binary_loss (those given)
     mlm_loss: torch.Tensor | None = None       # mean over masked tokens
     binary_loss: torch.Tensor | None = None    # mean over labelled sequences
@@ -181,84 +68,10 @@ class PreTrainingOutput(_Output):
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
-def save_weights_dir(module: nn.Module, directory, meta: dict, state: dict | None = None) -> Path:
-    """Write ``module``'s weights (or ``state``, e.g. a state dict gathered from FSDP shards) to
-    ``directory/model.safetensors`` (temporary file + rename) and ``meta`` to
-    ``directory/config.json``; the layout every dslm model directory uses."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in (state or module.state_dict()).items()}
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(directory / WEIGHTS_FILE)
-    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return directory
-
-
-class _Pretrained:
-    """``save_pretrained(dir)`` / ``from_pretrained(dir)``: config.json + model.safetensors."""
-
-    config: BertConfig
-
-    def pretrained_meta(self) -> dict:
-        """What ``config.json`` holds: the class and the config. The class is the model's own, not
-        a wrapper's (FSDP's ``fully_shard`` swaps in a subclass named ``FSDP<name>``)."""
-        arch = next(c for c in type(self).__mro__ if _Pretrained in c.__bases__)
-        return {"architectures": [arch.__name__], **self.config.to_dict()}
-
-    def save_pretrained(self, directory, state: dict | None = None) -> Path:
-        return save_weights_dir(self, directory, self.pretrained_meta(), state)
-
-    @classmethod
-    def from_pretrained(cls, directory, map_location="cpu"):
-        """Load a saved model. ``BertModel.from_pretrained`` also accepts a ``BertForPreTraining``
-        checkpoint and takes its encoder."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        config = load_config(directory)
-        weights = directory / WEIGHTS_FILE
-        if not weights.is_file():
-            raise UsageError(f"{weights}: file not found (expected a saved dslm model)")
-        state = load_file(str(weights), device=str(map_location))
-        if cls is BertModel and any(k.startswith("bert.") for k in state):
-            state = {k[5:]: v for k, v in state.items() if k.startswith("bert.")}
-        model = cls(config)
-        model.load_state_dict(state)
-        return model
-
-
-def load_config(directory) -> BertConfig:
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise UsageError(f"{path}: file not found (expected a dslm model config)")
-    try:
-        data = json.loads(path.read_text())
-        data.pop("architectures", None)
-        return BertConfig.from_dict(data)
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"{path}: not a valid dslm BertConfig ({e})") from None
-
-
-def from_pretrained(directory, map_location="cpu"):
-    """Load whichever model class was saved in ``directory``."""
-    path = Path(directory) / CONFIG_FILE
-    name = "BertForPreTraining"
-    if path.is_file():
-        try:
-            name = json.loads(path.read_text()).get("architectures", [name])[0]
-        except (ValueError, AttributeError, IndexError):
-            pass
-    cls = {"BertModel": BertModel, "BertForPreTraining": BertForPreTraining}.get(name)
-    if cls is None:
-        raise UsageError(f"{path}: unknown architecture {name!r}")
-    return cls.from_pretrained(directory, map_location)
-
-
-class BertModel(nn.Module, _Pretrained):
+class BertModel(nn.Module, Pretrained):
     """The encoder: embeddings, N layers, final LayerNorm, pooler."""
+
+    config_class = BertConfig
 
     def __init__(self, config: BertConfig, init: bool = True):
         super().__init__()
@@ -298,7 +111,7 @@ class LMHead(nn.Module):
         self.logit_scale = config.logit_scale()
 
     def forward(self, h, decoder_weight):
-        h = self.ln(_dense_activation(self.dense, self.activation, h))
+        h = self.ln(dense_activation(self.dense, self.activation, h))
         if self.logit_scale != 1.0:
             h = h * self.logit_scale
         return F.linear(h, decoder_weight, self.bias)
@@ -318,9 +131,12 @@ def _predicted_positions(mlm_labels: torch.Tensor, max_predictions: int | None,
     return (slots + torch.arange(b, device=slots.device).unsqueeze(1) * length).reshape(-1)
 
 
-class BertForPreTraining(nn.Module, _Pretrained):
+class BertForPreTraining(nn.Module, Pretrained):
     """BERT with the masked-LM head (decoder tied to the word embeddings) and a binary head on the
     pooled token 0 (next-sentence / sentence-order prediction)."""
+
+    config_class = BertConfig
+    stack_prefix = "bert"
 
     def __init__(self, config: BertConfig, init: bool = True):
         super().__init__()

@@ -1,10 +1,12 @@
-"""The BERT configuration: one dataclass, validated on construction.
+"""The model configurations: dataclasses validated on construction.
 
-Everything that changes what the model computes is here: sizes, LayerNorm placement, activation,
-dropout, and the init scheme with DeepScaleLM's options. The residual scales of every scheme are
-resolved in one place, :meth:`BertConfig.residual_variances`; the DSLM quantities (lam^2/beta^2 of
-residual scaling, the s_vo recursion, the LM-logit scale) come from :mod:`dslm.theory.dslm_init` and
-DeepNorm's constants from :mod:`dslm.theory.deepnorm`.
+:class:`TransformerConfig` holds everything the encoder (BERT) and the decoder (GPT) share: sizes,
+LayerNorm placement, activation, dropout, and the init scheme with DeepScaleLM's options. The residual
+scales of every scheme are resolved in one place, :meth:`TransformerConfig.residual_variances`; the
+DSLM quantities (lam^2/beta^2 of residual scaling, the s_vo recursion, the LM-logit scale) come from
+:mod:`dslm.theory.dslm_init` and DeepNorm's constants from :mod:`dslm.theory.deepnorm`.
+:class:`BertConfig` adds the token types of two-segment inputs, :class:`GPTConfig` the causal mask
+and the output embedding.
 """
 from __future__ import annotations
 
@@ -14,19 +16,21 @@ from dslm.theory.deepnorm import deepnorm_alpha
 from dslm.theory.dslm_init import REFERENCE_R0, dslm_stds, residual_scales
 
 LN_CHOICES = ("post", "pre")
-ACTIVATION_CHOICES = ("relu", "gelu")
-INIT_CHOICES = ("megatron", "xavier", "dslm", "deepnorm")
+ACTIVATION_CHOICES = ("relu", "gelu", "gelu_tanh")
+INIT_CHOICES = ("megatron", "xavier", "dslm", "deepnorm", "gpt2")
 DSLM_MODE_CHOICES = ("both", "init", "scaling")
 
 
 @dataclass
-class BertConfig:
-    """Configuration of :class:`dslm.model.bert.BertModel` / ``BertForPreTraining``.
+class TransformerConfig:
+    """What the encoder and the decoder share (see :class:`BertConfig`, :class:`GPTConfig`).
 
     ``ln``: "post" or "pre", the Megatron convention of THEORY.md section 3.
-    ``init``: "megatron" (all 0.02), "xavier" or "dslm" (THEORY.md section 3's table), or
-    "deepnorm" (DeepNet's Post-LN scheme: x_next = LN(alpha x + block), alpha = (2N)^(1/4), see
-    :mod:`dslm.model.init`); "deepnorm" requires ``ln="post"``.
+    ``activation``: "relu", "gelu" (exact, erf) or "gelu_tanh" (the tanh approximation, GPT-2's).
+    ``init``: "megatron" (all 0.02), "xavier" or "dslm" (THEORY.md section 3's table), "deepnorm"
+    (DeepNet's Post-LN scheme: x_next = LN(alpha x + block), alpha = (2N)^(1/4), see
+    :mod:`dslm.model.init`; requires ``ln="post"``) or "gpt2" (GPT-2's: 0.02, the attention-output
+    and FFN-output projections 0.02 / sqrt(2N)).
     ``dslm_mode`` (only with ``init="dslm"``): "both" = DSLM init + residual scaling, "init" = DSLM
     init with plain residual adds (lam = beta = 1, and the s_vo recursion run with them),
     "scaling" = residual scaling on the megatron init.
@@ -42,7 +46,6 @@ class BertConfig:
     num_heads: int = 12
     ffn_size: int | None = None          # None -> 4 * hidden_size
     max_position_embeddings: int = 512
-    type_vocab_size: int = 2
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     ln: str = "post"
@@ -54,13 +57,14 @@ class BertConfig:
     beta2: float | None = None
     dslm_k: float = 1.0
     r0: float = REFERENCE_R0
-    pad_token_id: int = 0
+
+    causal = False           # does query t see only keys 1..t (a class constant, not a field)
+    embedding_tables = 3     # how many embedding tables are summed into the stream
 
     def __post_init__(self):
         if self.ffn_size is None:
             self.ffn_size = 4 * self.hidden_size
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size",
-                     "max_position_embeddings", "type_vocab_size"):
+        for name in self._positive_int_fields():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -81,11 +85,13 @@ class BertConfig:
         if not isinstance(self.r0, (int, float)) or not 0.0 < self.r0 <= 1.0:
             raise ValueError(f"r0 must be in (0, 1], got {self.r0!r}")
         self.r0 = float(self.r0)
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"pad_token_id must be in [0, vocab_size), got {self.pad_token_id}")
         if self.init == "deepnorm" and self.ln != "post":
             raise ValueError(f"init='deepnorm' is a Post-LN scheme: it needs ln='post', got ln={self.ln!r}")
         self.residual_variances()  # DSLM residual scaling: raises ValueError for impossible lam2/beta2
+
+    def _positive_int_fields(self) -> tuple[str, ...]:
+        return ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size",
+                "max_position_embeddings")
 
     # ---- derived quantities -------------------------------------------------------------------
     @property
@@ -130,7 +136,12 @@ class BertConfig:
         residual adds' own (lam^2, beta^2): lam^2 = beta^2 = 1 for the init-only variant."""
         lam2, beta2 = self.residual_variances()
         return dslm_stds(self.hidden_size, self.num_layers, self.hidden_dropout, lam2, beta2,
-                         self.r0)
+                         self.r0, **self._dslm_attention())
+
+    def _dslm_attention(self) -> dict:
+        """The attention pattern and embedding count the DSLM init is derived for (bidirectional,
+        three tables)."""
+        return {}
 
     def logit_scale(self) -> float:
         """Multiplier of the LM-head output before the tied decoder: 1/sqrt(d s_emb^2) with the DSLM
@@ -144,9 +155,63 @@ class BertConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "BertConfig":
+    def from_dict(cls, data: dict):
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown BertConfig keys: {', '.join(unknown)}")
+            raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
         return cls(**data)
+
+
+@dataclass
+class BertConfig(TransformerConfig):
+    """Configuration of :class:`dslm.model.bert.BertModel` / ``BertForPreTraining``: the shared
+    fields of :class:`TransformerConfig` and the token types of two-segment inputs."""
+
+    type_vocab_size: int = 2
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id must be in [0, vocab_size), got {self.pad_token_id}")
+
+    def _positive_int_fields(self) -> tuple[str, ...]:
+        return super()._positive_int_fields() + ("type_vocab_size",)
+
+
+@dataclass
+class GPTConfig(TransformerConfig):
+    """Configuration of :class:`dslm.model.gpt.GPTModel` / ``GPTLMHeadModel``: a decoder-only
+    transformer, causal self-attention (query t sees keys 1..t), word + learned position embeddings,
+    a next-token LM head. The defaults are GPT-2 small's (Pre-LN, tanh GeLU, GPT-2 init, 1024
+    positions, 50257 tokens).
+
+    ``tie_word_embeddings``: the LM head's output matrix is the word-embedding table (GPT-2's
+    choice); untied, it is its own matrix drawn with the scheme's head std, and the DSLM logit scale
+    is 1 (the head std already gives unit-variance logits).
+    The DSLM init runs its s_vo recursion with causal attention over ``max_position_embeddings``
+    tokens and two embedding tables (THEORY.md, "DSLM init for decoders")."""
+
+    vocab_size: int = 50257
+    max_position_embeddings: int = 1024
+    ln: str = "pre"
+    activation: str = "gelu_tanh"
+    init: str = "gpt2"
+    r0: float = REFERENCE_R0
+    tie_word_embeddings: bool = True
+
+    causal = True
+    embedding_tables = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+
+    def _dslm_attention(self) -> dict:
+        return {"causal_len": self.max_position_embeddings, "embedding_tables": self.embedding_tables}
+
+    def logit_scale(self) -> float:
+        """The DSLM logit scale of a tied head; 1 for an untied one (see the class docstring)."""
+        return super().logit_scale() if self.tie_word_embeddings else 1.0

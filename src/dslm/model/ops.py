@@ -70,3 +70,15 @@ def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Te
     bias = torch.zeros(attention_mask.shape[0], 1, 1, attention_mask.shape[1], dtype=dtype,
                        device=attention_mask.device)
     return bias.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(dtype).min)
+
+
+def causal_attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The causal mask and a key-padding mask (batch, seq) together, as one additive bias
+    (batch, 1, seq, seq): 0 where key j <= query i is a real token, the most negative finite
+    ``dtype`` value elsewhere (see :func:`attention_bias`). Needed only with padding: without it the
+    attention takes SDPA's causal path, which builds no mask at all."""
+    seq = attention_mask.shape[1]
+    future = torch.ones(seq, seq, dtype=torch.bool, device=attention_mask.device).triu(1)
+    blocked = future[None, None] | (attention_mask[:, None, None, :] == 0)
+    bias = torch.zeros(blocked.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill(blocked, torch.finfo(dtype).min)
