@@ -162,3 +162,91 @@ def test_a_custom_adapter_probes_any_model():
                           lambda layer: {"q": _tiny_grads(layer)["q"]}, TINY.losses)
     with pytest.raises(ValueError, match="roles"):
         probe_model(model, batch, adapter=only_q)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoders: dslm's GPT against a direct computation, HF's GPT-2 against its dslm original
+
+
+def _gpt_config(**kw):
+    from dslm.model import GPTConfig
+
+    return GPTConfig(vocab_size=512, hidden_size=32, num_layers=3, num_heads=4, ffn_size=64,
+                     max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0,
+                     init="xavier", activation="relu", **kw)
+
+
+def _lm_batch(b=6, s=16, vocab=512, seed=0):
+    """Next-token windows: input_ids and targets = the following token, no mask, no segments."""
+    g = torch.Generator().manual_seed(seed)
+    window = torch.randint(0, vocab, (b, s + 1), generator=g)
+    return {"input_ids": window[:, :-1], "targets": window[:, 1:]}
+
+
+@pytest.mark.parametrize("ln", ["pre", "post"])
+def test_dslm_gpt_adapter_matches_a_direct_computation(ln):
+    from dslm.model import GPTLMHeadModel
+    from dslm.probe import DSLM_GPT
+
+    torch.manual_seed(0)
+    model = GPTLMHeadModel(_gpt_config(ln=ln))
+    assert adapter_for(model) is DSLM_GPT
+    batch = _lm_batch()
+    result = probe_model(model, batch, micro_batch_size=4)
+
+    matrices = [_fused_layer(layer.attention.qkv.weight, layer.attention.out.weight,
+                             layer.ffn.fc_in.weight, layer.ffn.fc_out.weight)
+                for layer in model.transformer.layers]
+    out = model.train()(batch["input_ids"], targets=batch["targets"], output_hidden_states=True)
+    expected = _reference(out.hidden_states, out.loss, None, matrices)
+    _assert_same(result, expected, rtol=1e-4)
+    assert result.lm_loss == pytest.approx(out.loss.item(), rel=1e-6)
+    assert result.mlm_loss is None and result.binary_loss is None
+    assert (result.grad_norm > 0).all() and np.isfinite(result.correlation).all()
+
+
+def _perturbed_gpt(ln="pre"):
+    """A decoder whose LayerNorm gains and biases and linear biases are off 1 / 0, so no mapping
+    hides behind them."""
+    from dslm.model import GPTLMHeadModel
+
+    torch.manual_seed(0)
+    model = GPTLMHeadModel(_gpt_config(ln=ln))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def test_hf_gpt2_adapter_measures_the_converted_model_alike():
+    transformers = pytest.importorskip("transformers")
+    from dslm.model.hf_gpt2 import gpt2_to_hf
+    from dslm.probe import HF_GPT2
+
+    ours = _perturbed_gpt()
+    hf = gpt2_to_hf(ours)
+    assert isinstance(hf, transformers.GPT2LMHeadModel) and adapter_for(hf) is HF_GPT2
+    batch = _lm_batch()
+    expected = probe_model(ours, batch, micro_batch_size=4)   # uneven micro-batches: 4 + 2
+    result = probe_model(hf, batch, micro_batch_size=4)
+    assert not hf.training and all(p.grad is None for p in hf.parameters())
+    assert expected.forward_variance[-1] > 1.5 * expected.forward_variance[0]   # Pre-LN: grows
+    _assert_same(result, vars(expected), rtol=1e-4)
+    assert result.lm_loss == pytest.approx(expected.lm_loss, rel=1e-5)
+    # the roles are the right slices: Q, K and V differ from each other
+    q, k, v = (expected.grad_norms[r] for r in ("q", "k", "v"))
+    assert not np.allclose(q, k) and not np.allclose(k, v)
+
+
+def test_measure_r0_reads_the_decoder_embeddings():
+    from dslm.model import GPTLMHeadModel
+    from dslm.probe import measure_r0
+
+    torch.manual_seed(0)
+    model = GPTLMHeadModel(_gpt_config())
+    batch = _lm_batch(b=8)
+    emb = model.transformer.embeddings
+    x = emb.word_embeddings(batch["input_ids"]) + emb.position_embeddings.weight[:16]
+    assert measure_r0(model, batch) == pytest.approx(max(token_moments(x)[2], 1e-6), rel=1e-6)
+    assert measure_r0(model, batch) == measure_r0(emb, batch)

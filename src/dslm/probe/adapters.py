@@ -2,12 +2,15 @@
 is, which weight matrix plays each role (the roles of :data:`dslm.theory.profile.GRAD_MATRICES`) and
 what the pretraining loss terms are, so :func:`dslm.probe.probe_model` works on any model.
 
-Two adapters ship: :data:`DSLM_BERT` (dslm's :class:`dslm.model.BertForPreTraining`) and
-:data:`HF_BERT` (Hugging Face ``transformers.BertForPreTraining``). Both read the stream where
-THEORY.md does: the embedding sum, then the sum after each layer's second residual add, before any
-following LayerNorm; on HF's Post-LN BERT that is the input of the LayerNorms that close the
-embeddings and each layer, so a model and its :func:`dslm.model.hf.to_hf` conversion measure alike
-(in training mode HF drops out after that LayerNorm, so its embedding moments are before dropout).
+Four adapters ship: :data:`DSLM_BERT` (dslm's :class:`dslm.model.BertForPreTraining`),
+:data:`HF_BERT` (Hugging Face ``transformers.BertForPreTraining``), :data:`DSLM_GPT` (dslm's
+decoder, :class:`dslm.model.GPTLMHeadModel`) and :data:`HF_GPT2` (``transformers.GPT2LMHeadModel``).
+All read the stream where THEORY.md does: the embedding sum, then the sum after each layer's second
+residual add, before any following LayerNorm; on HF's Post-LN BERT that is the input of the
+LayerNorms that close the embeddings and each layer, so a model and its :func:`dslm.model.hf.to_hf`
+conversion measure alike (in training mode HF drops out after that LayerNorm, so its embedding
+moments are before dropout). GPT-2 is Pre-LN: the stream after a block is the block's output, and a
+decoder's loss term is ``"lm"``, the next-token loss over the batch's ``targets``.
 """
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dslm.model.bert import IGNORE_INDEX, BertForPreTraining
+from dslm.model.gpt import GPTLMHeadModel
 
 
 class Tap(NamedTuple):
-    """A point of the residual stream: the output of ``module``, or its first input."""
+    """A point of the residual stream: the output of ``module`` (its first element where it returns
+    a tuple, as older transformers' GPT-2 blocks do), or its first input."""
 
     module: nn.Module
     input: bool = False
@@ -36,7 +41,8 @@ class ProbeAdapter:
     ``embedding(model)``: the stream entering the first block. ``blocks(model)``: the blocks, input
     side first. ``grads(block)``: role -> gradient of that role's weight matrix, for all six roles
     (a fused QKV matrix split here). ``losses(model, batch)``: one micro-batch's loss terms (the
-    batch has the data layer's keys), ``{"mlm" | "binary": (mean loss, labels averaged over)}``,
+    batch has the data layer's keys), ``{"mlm" | "binary" | "lm": (mean loss, labels averaged
+    over)}``,
     so the probe can weight each micro-batch by its share of the labels. ``stream(block)``: the
     stream after the block (default: the block's output).
     """
@@ -105,14 +111,50 @@ HF_BERT = ProbeAdapter(
     stream=lambda layer: Tap(layer.output.LayerNorm, input=True))
 
 
+def _dslm_lm_losses(model, batch: dict) -> dict:
+    out = model(batch["input_ids"], targets=batch["targets"], attention_mask=batch.get("attention_mask"))
+    return {"lm": (out.loss, out.count)}
+
+
+DSLM_GPT = ProbeAdapter(
+    embedding=lambda model: Tap(model.transformer.embeddings),
+    blocks=lambda model: list(model.transformer.layers),
+    grads=_dslm_grads, losses=_dslm_lm_losses)
+
+
+def _hf_gpt2_grads(block) -> dict:
+    """GPT-2's Conv1D weights are (in, out): transposed to (out, in); c_attn's output columns are
+    [Q | K | V]."""
+    q, k, v = block.attn.c_attn.weight.grad.t().chunk(3)
+    return {"q": q, "k": k, "v": v, "attn_out": block.attn.c_proj.weight.grad.t(),
+            "ffn_in": block.mlp.c_fc.weight.grad.t(), "ffn_out": block.mlp.c_proj.weight.grad.t()}
+
+
+def _hf_gpt2_losses(model, batch: dict) -> dict:
+    """The next-token loss from HF's logits against the batch's ``targets`` (the next tokens)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    return {"lm": _mean_and_count(out.logits, batch["targets"])}
+
+
+HF_GPT2 = ProbeAdapter(
+    embedding=lambda model: Tap(model.transformer.drop),
+    blocks=lambda model: list(model.transformer.h),
+    grads=_hf_gpt2_grads, losses=_hf_gpt2_losses)
+
+
 def adapter_for(model: nn.Module) -> ProbeAdapter:
     """The shipped adapter for ``model``'s class (TypeError naming the supported ones otherwise)."""
     if isinstance(model, BertForPreTraining):
         return DSLM_BERT
+    if isinstance(model, GPTLMHeadModel):
+        return DSLM_GPT
     transformers = sys.modules.get("transformers")   # an HF model means transformers is loaded
     if transformers is not None and isinstance(model, transformers.BertForPreTraining):
         return HF_BERT
+    if transformers is not None and isinstance(model, transformers.GPT2LMHeadModel):
+        return HF_GPT2
     raise TypeError(
         f"the probe has no adapter for {type(model).__name__}: it supports "
-        "dslm.model.BertForPreTraining and transformers.BertForPreTraining; pass "
-        "adapter=ProbeAdapter(...) (dslm.probe.adapters) for other models")
+        "dslm.model.BertForPreTraining and transformers.BertForPreTraining, dslm.model.GPTLMHeadModel "
+        "and transformers.GPT2LMHeadModel; pass adapter=ProbeAdapter(...) (dslm.probe.adapters) for "
+        "other models")

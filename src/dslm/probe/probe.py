@@ -11,10 +11,13 @@ layer:
 - the L2 norm of the gradient of each weight matrix (Q, K, V, attention out, FFN in, FFN out) and
   of the six together.
 
+The loss is BERT's (masked-LM ``mlm_labels`` and/or the binary head's ``binary_labels``) or a
+decoder's next-token loss (``targets``: the token each position predicts, -100 for none).
+
 Where the stream is, which matrix plays which role and what the loss terms are come from a
-:class:`dslm.probe.adapters.ProbeAdapter`: one ships for dslm's BERT and one for HF's, and any model
-can be probed through one written for it. Micro-batching accumulates gradients with each
-micro-batch's loss weighted by its share of the masked tokens / labelled sequences, so the gradients
+:class:`dslm.probe.adapters.ProbeAdapter`: they ship for dslm's and HF's BERT and GPT(-2), and any
+model can be probed through one written for it. Micro-batching accumulates gradients with each
+micro-batch's loss weighted by its share of the masked tokens / labelled sequences / targets, so the gradients
 are those of the full batch's loss (up to dropout's random draws); the statistics are pooled sums,
 so they are the full batch's too. No parameter is updated; gradients are cleared before and after.
 """
@@ -30,8 +33,8 @@ from dslm.probe.adapters import ProbeAdapter, Tap, adapter_for
 from dslm.probe.stats import TokenMoments
 from dslm.theory.profile import GRAD_MATRICES, SignalProfile
 
-MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "binary_labels")
-LABELS = {"mlm": "mlm_labels", "binary": "binary_labels"}   # loss term -> its labels in the batch
+MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "binary_labels", "targets")
+LABELS = {"mlm": "mlm_labels", "binary": "binary_labels", "lm": "targets"}   # loss term -> its labels
 
 
 @dataclass
@@ -43,6 +46,7 @@ class ProbeResult(SignalProfile):
     loss: float = float("nan")
     mlm_loss: float | None = None
     binary_loss: float | None = None
+    lm_loss: float | None = None
 
 
 def _split(batch: dict, size: int):
@@ -55,6 +59,8 @@ def _watch(tap: Tap, fwd: TokenMoments, bwd: TokenMoments, state: dict):
     """Hook ``tap``: the stream's moments into ``fwd``, its gradient's into ``bwd``."""
     def hook(module, inputs, output):
         x = inputs[0] if tap.input else output
+        if isinstance(x, tuple):
+            x = x[0]
         fwd.add(x, state["mask"])
         if x.requires_grad:
             x.register_hook(lambda g: bwd.add(g, state["mask"]))
@@ -97,17 +103,18 @@ def probe_model(model, batch: dict, micro_batch_size: int | None = None,
                 adapter: ProbeAdapter | None = None) -> ProbeResult:
     """One forward/backward of ``model``'s pretraining loss on ``batch`` in training mode.
 
-    ``model``: any model ``adapter`` reads. ``batch``: the data layer's dict (input_ids,
-    token_type_ids, attention_mask, mlm_labels, binary_labels); tensors are moved to the model's
-    device. ``micro_batch_size``: sequences per forward/backward (None = the whole batch at once).
-    ``adapter``: None = the shipped one for the model's class (:func:`adapter_for`: dslm's and HF
-    transformers' ``BertForPreTraining``).
+    ``model``: any model ``adapter`` reads. ``batch``: the data layer's dict (BERT: input_ids,
+    token_type_ids, attention_mask, mlm_labels, binary_labels; a decoder: input_ids, targets);
+    tensors are moved to the model's device. ``micro_batch_size``: sequences per forward/backward
+    (None = the whole batch at once). ``adapter``: None = the shipped one for the model's class
+    (:func:`adapter_for`: dslm's and HF transformers' ``BertForPreTraining``, dslm's
+    ``GPTLMHeadModel`` and HF's ``GPT2LMHeadModel``).
     """
     adapter = adapter or adapter_for(model)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items() if k in MODEL_KEYS and v is not None}
     if not any(key in batch for key in LABELS.values()):
-        raise ValueError("probe_model needs mlm_labels and/or binary_labels in the batch")
+        raise ValueError("probe_model needs mlm_labels and/or binary_labels, or targets, in the batch")
     micro = batch["input_ids"].shape[0] if not micro_batch_size else int(micro_batch_size)
     if micro <= 0:
         raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
@@ -142,4 +149,5 @@ def probe_model(model, batch: dict, micro_batch_size: int | None = None,
         loss=float(loss_sum),
         mlm_loss=float(parts["mlm"]) if "mlm" in parts else None,
         binary_loss=float(parts["binary"]) if "binary" in parts else None,
+        lm_loss=float(parts["lm"]) if "lm" in parts else None,
     )

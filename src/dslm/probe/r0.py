@@ -11,15 +11,13 @@ from dslm.probe.stats import TokenMoments
 
 @torch.no_grad()
 def measure_r0(model_or_embeddings: nn.Module, batch: dict) -> float:
-    """Cross-token correlation of the summed input embeddings (word + position + token type,
-    without dropout) on a data batch: the mean off-diagonal correlation over non-pad tokens, pooled
+    """Cross-token correlation of the summed input embeddings (word + position, + token type in
+    BERT; without dropout) of a dslm BERT or GPT, or of their ``Embeddings``, on a data batch: the mean off-diagonal correlation over non-pad tokens, pooled
     over features and sequences (:class:`dslm.probe.stats.TokenMoments`). This is the r0 of the
     DSLM s_vo recursion (``--r0 auto``); the result is clipped into (0, 1]."""
     emb = model_or_embeddings
-    if hasattr(emb, "bert"):
-        emb = emb.bert
-    if hasattr(emb, "embeddings"):
-        emb = emb.embeddings
+    for stack in ("bert", "transformer", "embeddings"):   # the model -> its stack -> its embeddings
+        emb = getattr(emb, stack, emb)
     device = emb.word_embeddings.weight.device
     ids = batch["input_ids"].to(device)
     types = batch.get("token_type_ids")
