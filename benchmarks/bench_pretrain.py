@@ -20,7 +20,7 @@ positions only, fixed slots, no host sync; the non-finite skip, the schedule and
 HF runs ``BertForPreTraining``
 (attn_implementation="sdpa", labels on every position as HF computes them).
 
-MFU = tokens/s x F / 989e12 (H100 bf16 dense), with F = dslm.train.pretrain.bert_flops_per_token:
+MFU = tokens/s x F / 989e12 (H100 bf16 dense), with F = dslm.model.flops.bert_flops_per_token:
 3 x [N (8 d^2 + 4 d d_f + 4 L d) + f (2 d^2 + 2 d V)], f = 0.15 (the useful LM-head work) for both
 models; ``hf_mfu_full_head`` also counts the LM head HF computes on every position (f = 1).
 """
@@ -38,7 +38,8 @@ import torch
 from dslm.model import BertConfig, BertForPreTraining
 from dslm.train import distributed as D
 from dslm.train.engine import TrainConfig, Trainer
-from dslm.train.pretrain import bert_flops_per_token, pretraining_loss_and_metrics
+from dslm.model.flops import bert_flops_per_token
+from dslm.pretrain.bert import pretraining_loss_and_metrics
 
 SIZES = {
     "bert-base": dict(num_layers=12, hidden_size=768, num_heads=12, seq_len=512, batch=32),

@@ -125,7 +125,7 @@ def test_a_model_beyond_memory_is_refused_before_it_is_built(tmp_path, capsys):
 
 def test_parameter_count_is_the_built_models():
     from dslm.model import BertConfig, BertForPreTraining
-    from dslm.train.pretrain import PretrainTask
+    from dslm.pretrain.bert import PretrainTask
 
     config = BertConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2)
     task = PretrainTask.__new__(PretrainTask)

@@ -1,6 +1,6 @@
 """The package's layers import only downwards: theory is the ground floor, the model draws its init
-from theory, the probe measures models, the training engine runs them, the jobs (finetuning, study,
-figures) sit on top and the CLI above all. Function-local imports count too."""
+from theory, the probe measures models, the training engine runs them, the jobs (pretraining,
+finetuning, study, figures) sit on top and the CLI above all. Function-local imports count too."""
 import ast
 from pathlib import Path
 
@@ -15,7 +15,7 @@ LAYERS = [
     {"probe"},
     {"data"},
     {"train"},
-    {"finetune", "figures", "study"},
+    {"finetune", "figures", "pretrain", "study"},
     {"cli", "__main__"},
 ]
 

@@ -14,7 +14,7 @@ from dslm.model import BertConfig
 from dslm.train import checkpoint as ckpt_io
 from dslm.train.engine import NonFiniteLoss, TrainConfig, train
 from dslm.train.logging import read_metrics
-from dslm.train.pretrain import PretrainTask
+from dslm.pretrain.bert import PretrainTask
 from dslm.train.schedule import lr_factor, warmup_steps
 from dslm.train.task import Task
 

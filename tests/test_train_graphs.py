@@ -8,7 +8,7 @@ from dslm.errors import UsageError
 from dslm.model import BertConfig
 from dslm.train.engine import TrainConfig, train
 from dslm.train.logging import read_metrics
-from dslm.train.pretrain import PretrainTask
+from dslm.pretrain.bert import PretrainTask
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 

@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 from dslm.model import BertConfig  # noqa: E402
 from dslm.train.distributed import exit_process  # noqa: E402
 from dslm.train.engine import TrainConfig, train  # noqa: E402
-from dslm.train.pretrain import PretrainTask  # noqa: E402
+from dslm.pretrain.bert import PretrainTask  # noqa: E402
 
 
 def tiny_task(data_dir, vocab_size):

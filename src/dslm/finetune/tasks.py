@@ -153,7 +153,7 @@ class FinetuneTask:
         return {**self.config.to_dict(), "task": self.spec.name, "max_len": self.max_len}
 
     def flops_per_token(self, model) -> float:
-        from dslm.train.pretrain import bert_flops_per_token
+        from dslm.model.flops import bert_flops_per_token
 
         choices = self.train_set.enc.choices
         return bert_flops_per_token(self.config, max(1, round(self.train_set.mean_tokens() / choices)), 0.0)

@@ -25,7 +25,7 @@ changes the training stream; a resumed run is therefore bit-identical to an unin
 the CPU in fp32.
 
 MFU = tokens/s x FLOPs per token / (peak FLOP/s x GPUs). FLOPs per token come from the task
-(``flops_per_token(model)``; for BERT see :func:`dslm.train.pretrain.bert_flops_per_token`), peak
+(``flops_per_token(model)``; for BERT see :func:`dslm.model.flops.bert_flops_per_token`), peak
 is bf16 dense tensor throughput (H100/H200 989, A100 312 TFLOP/s) or ``--peak-tflops``.
 """
 from __future__ import annotations
