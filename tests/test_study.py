@@ -220,6 +220,13 @@ def test_quick_study_runs_resumes_and_reports(tmp_path):
     shutil.rmtree(work / victim / "checkpoints")
     third = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0 and third.stdout.count("start ") == 1 and f"start  {victim}" in third.stdout
+    # a record made on another dataset: --report-only refuses to rewrite the results with this one's
+    record = out / "records" / f"{result['runs'][0]['id']}.json"
+    record.write_text(record.read_text().replace(manifest["files"]["tokens.bin"]["sha256"], "0" * 64))
+    before = (out / "results.md").read_text()
+    report = subprocess.run(cmd + ["--report-only", "--no-plots"], capture_output=True, text=True, timeout=600)
+    assert report.returncode == 2 and "another dataset" in report.stderr
+    assert (out / "results.md").read_text() == before
 
 
 def test_estimate_scales_from_the_nearest_finished_shape(spec):

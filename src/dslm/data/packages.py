@@ -470,16 +470,9 @@ def _rst_paragraphs(lines: list[str]) -> Iterator[str]:
                                                  lines[i + 1:end])
             i = end
             continue
-        if stripped.startswith(">>>"):                           # doctest block
-            while i < n and lines[i].strip():
-                i += 1
-            continue
-        if _GRID_TABLE.match(stripped):
-            while i < n and lines[i].strip():
-                i += 1
-            continue
-        if _SIMPLE_TABLE.match(stripped):
-            i = _simple_table_end(lines, i)
+        skipped = _skip_block(lines, i, indent, stripped)
+        if skipped is not None:
+            i = skipped
             continue
         if _ADORNMENT.match(stripped):                           # overline of a title, or a transition
             if i + 2 < n and lines[i + 1].strip() and _ADORNMENT.match(lines[i + 2].strip()):
@@ -493,19 +486,7 @@ def _rst_paragraphs(lines: list[str]) -> Iterator[str]:
             yield _Title(stripped)
             i += 2
             continue
-        if _FIELD.match(stripped):                               # field list (:Author: ...): metadata
-            i = _block_end(lines, i + 1, indent)
-            continue
-        # a paragraph (or list item): lines up to a blank line, a new item or a change of indentation
-        bullet = _BULLET.match(stripped)
-        column = indent + (bullet.end() if bullet else 0)
-        text = [stripped[bullet.end():] if bullet else stripped]
-        i += 1
-        while i < n and lines[i].strip() and _indent(lines[i]) == (column if bullet else indent):
-            if _BULLET.match(lines[i].strip()) or _DIRECTIVE.match(lines[i].strip()):
-                break
-            text.append(lines[i].strip())
-            i += 1
+        column, text, i = _paragraph_lines(lines, i, indent, stripped)
         paragraph = " ".join(text)
         if paragraph.endswith("::"):            # 'text::' -> 'text:', 'text ::' -> 'text', '::' -> nothing
             literal_after = column
@@ -514,6 +495,35 @@ def _rst_paragraphs(lines: list[str]) -> Iterator[str]:
             if not paragraph:
                 continue
         yield paragraph
+
+
+def _skip_block(lines: list[str], i: int, indent: int, stripped: str) -> int | None:
+    """Where a block with no prose that starts at line ``i`` ends (a doctest, a grid or simple table,
+    a field list of metadata), or None if line ``i`` starts none."""
+    if stripped.startswith(">>>") or _GRID_TABLE.match(stripped):    # doctest block, grid table
+        while i < len(lines) and lines[i].strip():
+            i += 1
+        return i
+    if _SIMPLE_TABLE.match(stripped):
+        return _simple_table_end(lines, i)
+    if _FIELD.match(stripped):                                       # field list (:Author: ...)
+        return _block_end(lines, i + 1, indent)
+    return None
+
+
+def _paragraph_lines(lines: list[str], i: int, indent: int, stripped: str) -> tuple[int, list[str], int]:
+    """A paragraph (or list item) starting at line ``i``: its lines up to a blank line, a new item
+    or a change of indentation. Returns (its text column, its stripped lines, the next line)."""
+    bullet = _BULLET.match(stripped)
+    column = indent + (bullet.end() if bullet else 0)
+    text = [stripped[bullet.end():] if bullet else stripped]
+    i += 1
+    while i < len(lines) and lines[i].strip() and _indent(lines[i]) == (column if bullet else indent):
+        if _BULLET.match(lines[i].strip()) or _DIRECTIVE.match(lines[i].strip()):
+            break
+        text.append(lines[i].strip())
+        i += 1
+    return column, text, i
 
 
 class _Title(str):

@@ -140,10 +140,38 @@ def _open_binary(path: Path):
 def read_glue_tsv(path: str | Path, text_columns: tuple[str, str], label_column: str | None,
                   label_map: dict[str, int], id_column: str | None = None) -> PairData:
     """Rows of a GLUE TSV file as a :class:`PairData`. Columns are located by their header names;
-    ``label_column=None`` reads an unlabelled (test) file with labels -1."""
+    ``label_column=None`` reads an unlabelled (test) file with labels -1. Malformed rows are skipped
+    and counted in the report."""
     path = Path(path)
     report = ReadReport(str(path))
+    header, data = _tsv_header_and_body(path)
+    index = {name.strip(): i for i, name in enumerate(header)}
+    wanted = list(text_columns) + ([label_column] if label_column else []) + ([id_column] if id_column else [])
+    missing = [c for c in wanted if c not in index]
+    if missing:
+        raise UsageError(f"{path}: header lacks the column(s) {', '.join(missing)} "
+                         f"(found: {', '.join(header[:12])}); expected GLUE's TSV layout")
+    ia, ib = index[text_columns[0]], index[text_columns[1]]
+    il = index[label_column] if label_column else None
+    iid = index[id_column] if id_column else None
+    need = max(index[c] for c in wanted) + 1
     a, b, labels, ids = [], [], [], []
+    for n, cols in _tsv_rows(data, path.name, need, report):
+        label = -1 if il is None else label_map.get(cols[il].strip())
+        if label is None:
+            report.bad(f"rows with a label not in {'/'.join(label_map)}", f"{path.name}:{n}")
+            continue
+        a.append(cols[ia])
+        b.append(cols[ib])
+        labels.append(label)
+        ids.append(cols[iid] if iid is not None else str(n - 2))
+    report.kept = len(labels)
+    return PairData(a, b, labels, ids, report)
+
+
+def _tsv_header_and_body(path: Path) -> tuple[list[str], bytes]:
+    """The header's column names and the rest of the file as bytes (rows are decoded one by one,
+    so one bad row is skipped, not the file)."""
     with _open_binary(path) as f:
         try:
             raw = f.readline()
@@ -155,49 +183,32 @@ def read_glue_tsv(path: str | Path, text_columns: tuple[str, str], label_column:
             raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
     if not raw:
         raise UsageError(f"{path}: file is empty (expected a GLUE TSV with a header line)")
-    index = {name.strip(): i for i, name in enumerate(header)}
-    wanted = list(text_columns) + ([label_column] if label_column else []) + ([id_column] if id_column else [])
-    missing = [c for c in wanted if c not in index]
-    if missing:
-        raise UsageError(f"{path}: header lacks the column(s) {', '.join(missing)} "
-                         f"(found: {', '.join(header[:12])}); expected GLUE's TSV layout")
-    ia, ib = index[text_columns[0]], index[text_columns[1]]
-    il = index[label_column] if label_column else None
-    iid = index[id_column] if id_column else None
-    need = max(index[c] for c in wanted) + 1
+    return header, data
+
+
+def _tsv_rows(data: bytes, name: str, need: int, report: ReadReport):
+    """(line number, columns) of every well-formed row: UTF-8, not empty, at least ``need``
+    columns; the others are counted in ``report``."""
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     for n, line in enumerate(lines, start=2):
         report.rows += 1
-        where = f"{path.name}:{n}"
+        where = f"{name}:{n}"
         if line.endswith(b"\r"):
             line = line[:-1]
         if not line.strip():
             report.bad("empty lines", where)
             continue
         try:
-            text = line.decode("utf-8")
+            cols = line.decode("utf-8").split("\t")
         except UnicodeDecodeError:
             report.bad("lines not UTF-8", where)
             continue
-        cols = text.split("\t")
         if len(cols) < need:
             report.bad(f"rows with fewer than {need} columns", where)
             continue
-        if il is not None:
-            label = label_map.get(cols[il].strip())
-            if label is None:
-                report.bad(f"rows with a label not in {'/'.join(label_map)}", where)
-                continue
-        else:
-            label = -1
-        a.append(cols[ia])
-        b.append(cols[ib])
-        labels.append(label)
-        ids.append(cols[iid] if iid is not None else str(n - 2))
-    report.kept = len(labels)
-    return PairData(a, b, labels, ids, report)
+        yield n, cols
 
 
 def read_mnli_tsv(path: str | Path, labelled: bool = True) -> PairData:

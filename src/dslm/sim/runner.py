@@ -180,61 +180,29 @@ def run_component(component: Component, grid: dict, device: torch.device, precis
     record (grid, configs, seconds, percentile table and per-config columns). ``fused``: run a
     component that has a fused Triton kernel through it (:func:`resolve_fused`); rows wider than
     the kernel's register block take the PyTorch path."""
-    budget = budget_bytes or default_budget_bytes(device)
     axes = list(grid)
     configs = list(itertools.product(*grid.values()))
-    n = len(configs)
     columns = {a: np.array([c[i] for c in configs]) for i, a in enumerate(axes)}
-    scalar_axes = [a for a in axes if a not in component.shape_axes]
-    groups: dict[tuple, list[int]] = {}
-    for i, c in enumerate(configs):
-        groups.setdefault(tuple(c[axes.index(a)] for a in component.shape_axes), []).append(i)
-
     torch.manual_seed(seed * 1009 + list(COMPONENTS).index(component.name))
     start = time.perf_counter()
-    dtype = torch.bfloat16 if component.uses_matmul and precision == "bf16" else torch.float32
-    order, chunks, ran_fused = [], [], False
-    bar = tqdm(total=n, desc=f"{component.name:9s}", unit="cfg", disable=not progress, leave=False)
-    for key, idx in groups.items():
-        S = dict(zip(component.shape_axes, key))
-        simulate, floats = component.simulate, component.floats_per_config
-        if fused and component.fused is not None:
-            from dslm.sim import fused as kernels
-
-            if kernels.fits(S["d"]):
-                simulate, floats, ran_fused = component.fused, kernels.floats_per_config, True
-        per_chunk = max(1, int(budget // (4 * floats(S))))
-        for s in range(0, len(idx), per_chunk):
-            sel = idx[s:s + per_chunk]
-            P = {a: columns[a][sel] for a in scalar_axes}
-            with _kernel_settings(component, precision):
-                out = simulate(P, S, device, dtype)
-            order.extend(sel)
-            chunks.append({k: v.detach().double() for k, v in out.items()})
-            bar.update(len(sel))
-    measured_keys = list(chunks[0])
-    inverse = np.argsort(np.asarray(order))
-    measured = {k: torch.cat([c[k] for c in chunks]).cpu().numpy()[inverse] for k in measured_keys}
+    measured, ran_fused = _simulate_grid(component, configs, axes, columns, device, precision,
+                                         budget_bytes or default_budget_bytes(device), progress, fused)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    bar.close()
-
-    predicted = {k: np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))
+    predicted = {k: np.broadcast_to(np.asarray(v, dtype=np.float64), (len(configs),))
                  for k, v in component.predict({a: columns[a].astype(np.float64) for a in axes}).items()}
-    errors, table = {}, {}
-    for row in component.rows:
-        scale = predicted[row.scale] if row.scale else None
-        errors[row.label] = relative_error(measured[row.measured], predicted[row.predicted], scale)
-        table[row.label] = percentiles(errors[row.label])
+    errors = {row.label: relative_error(measured[row.measured], predicted[row.predicted],
+                                        predicted[row.scale] if row.scale else None)
+              for row in component.rows}
     return {
         "component": component.name,
         "grid": grid,
-        "configs": n,
+        "configs": len(configs),
         "seconds": seconds,
         "fused": ran_fused,
         "causal": component.causal,
-        "percentiles": table,
+        "percentiles": {label: percentiles(e) for label, e in errors.items()},
         "columns": {
             "params": {a: columns[a].tolist() for a in axes},
             "measured": {k: _finite_list(v) for k, v in measured.items()},
@@ -242,6 +210,39 @@ def run_component(component: Component, grid: dict, device: torch.device, precis
             "errors": {k: _finite_list(v) for k, v in errors.items()},
         },
     }
+
+
+def _simulate_grid(component: Component, configs: list, axes: list, columns: dict, device,
+                   precision: str, budget: int, progress: bool, fused: bool) -> tuple[dict, bool]:
+    """The measured columns of every configuration (in ``configs``' order), and whether the fused
+    kernel ran. Configurations that share the component's shape axes run together, in chunks that
+    fit ``budget`` bytes."""
+    scalar_axes = [a for a in axes if a not in component.shape_axes]
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(configs):
+        groups.setdefault(tuple(c[axes.index(a)] for a in component.shape_axes), []).append(i)
+    dtype = torch.bfloat16 if component.uses_matmul and precision == "bf16" else torch.float32
+    order, chunks, ran_fused = [], [], False
+    bar = tqdm(total=len(configs), desc=f"{component.name:9s}", unit="cfg", disable=not progress, leave=False)
+    for key, idx in groups.items():
+        S = dict(zip(component.shape_axes, key))
+        simulate, floats = component.simulate, component.floats_per_config
+        if fused and component.fused is not None:
+            from dslm.sim import fused as kernels      # needs triton: imported only when asked for
+
+            if kernels.fits(S["d"]):
+                simulate, floats, ran_fused = component.fused, kernels.floats_per_config, True
+        per_chunk = max(1, int(budget // (4 * floats(S))))
+        for s in range(0, len(idx), per_chunk):
+            sel = idx[s:s + per_chunk]
+            with _kernel_settings(component, precision):
+                out = simulate({a: columns[a][sel] for a in scalar_axes}, S, device, dtype)
+            order.extend(sel)
+            chunks.append({k: v.detach().double() for k, v in out.items()})
+            bar.update(len(sel))
+    bar.close()
+    inverse = np.argsort(np.asarray(order))
+    return {k: torch.cat([c[k] for c in chunks]).cpu().numpy()[inverse] for k in chunks[0]}, ran_fused
 
 
 def _finite_list(a) -> list:

@@ -79,7 +79,8 @@ def _machine(slots) -> dict:
 def run(args) -> int:
     from dslm.data.evalset import FrozenEvalSet, unigram_cross_entropy
     from dslm.study.report import write_results
-    from dslm.study.runner import StudyRunner, read_records, slots_for, summary_line
+    from dslm.study.runner import (StudyRunner, check_same_data, dataset_fingerprint, read_records, slots_for,
+                                   summary_line)
     from dslm.study.spec import as_argv, load_spec, pretrain_flags, stall_line
 
     _check(args)
@@ -96,7 +97,9 @@ def run(args) -> int:
     unigram = unigram_cross_entropy(spec.data, valid)
     meta["valid_predicted_tokens"] = valid.predicted_tokens
     if args.report_only:
-        write_results(spec, out, read_records(out), unigram, meta, plots=not args.no_plots)
+        records = read_records(out)
+        check_same_data(records, dataset_fingerprint(spec.data), out)   # the reference line needs their data
+        write_results(spec, out, records, unigram, meta, plots=not args.no_plots)
         print(f"results: {out / 'results.md'}")
         return 0
     runner = StudyRunner(spec, out, work, slots, args.time_limit, args.retry_failed, args.max_failures,

@@ -20,67 +20,75 @@ def _reference(ax, unigram):
 
 
 def plot_study(spec: Spec, result: dict, out: Path) -> None:
-    fams = list(spec.families.values())
-    cells, unigram = result["cells"], result["unigram_valid_loss"]
+    """The study's plots in ``out``: loss vs depth per family, loss vs lr per cell, the training
+    curves at each cell's best lr, and the gradient profiles of the runs that recorded them."""
+    _plot_loss_vs_depth(spec, result, out / "loss_vs_depth.png")
+    _plot_per_cell(spec, result, out / "loss_vs_lr.png", _lr_sweep, "learning rate", "final valid MLM loss")
+    _plot_per_cell(spec, result, out / "curves.png", _best_lr_curves, "tokens (M)", "valid MLM loss")
+    profiled = [r for r in result["runs"] if r.get("grad_profile")]
+    if profiled:
+        plot_grad_profiles(profiled, out / "grad_profiles.png")
 
+
+def _plot_loss_vs_depth(spec: Spec, result: dict, path: Path) -> None:
+    fams = list(spec.families.values())
     fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.8), squeeze=False)
     for ax, fam in zip(axes[0], fams):
         for scheme in fam.schemes:
-            pts = sorted((c["layers"], c["mean"], c["std"]) for c in cells
+            pts = sorted((c["layers"], c["mean"], c["std"]) for c in result["cells"]
                          if c["family"] == fam.name and c["scheme"] == scheme and _finite(c["mean"]))
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
                             yerr=[p[2] if _finite(p[2]) else 0 for p in pts], marker="o", capsize=3, label=scheme)
-        _reference(ax, unigram)
+        _reference(ax, result["unigram_valid_loss"])
         ax.set_xscale("log")
         ax.set_xlabel("layers (equal non-embedding parameters)")
         ax.set_ylabel("final valid MLM loss (nats)")
         ax.set_title(f"family {fam.name}", fontsize=10)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    save(fig, out / "loss_vs_depth.png")
+    save(fig, path)
 
+
+def _plot_per_cell(spec: Spec, result: dict, path: Path, draw, xlabel: str, ylabel: str) -> None:
+    """One panel per (family, shape); ``draw(ax, spec, result, fam, shape, scheme, colour)`` adds one
+    scheme's lines."""
+    fams = list(spec.families.values())
     ncol = max(len(f.shapes) for f in fams)
     fig, axes = plt.subplots(len(fams), ncol, figsize=(4 * ncol, 3.2 * len(fams)), squeeze=False)
     for row, fam in zip(axes, fams):
         for ax, shape in zip(row, fam.shapes):
-            for scheme in fam.schemes:
-                c = next(c for c in cells if (c["family"], c["shape"], c["scheme"]) == (fam.name, shape, scheme))
-                pts = sorted((float(lr), v) for lr, v in c["lr_sweep"].items() if _finite(v))
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=scheme)
-            _reference(ax, unigram)
-            ax.set_xscale("log")
-            ax.set_xlabel("learning rate")
-            ax.set_title(f"{fam.name} {shape}", fontsize=10)
-        row[0].set_ylabel("final valid MLM loss")
-        row[0].legend(fontsize=7)
-    fig.tight_layout()
-    save(fig, out / "loss_vs_lr.png")
-
-    runs = result["runs"]
-    tokens_per_step = spec.train["global_batch"] * spec.train["seq_len"]
-    fig, axes = plt.subplots(len(fams), ncol, figsize=(4 * ncol, 3.2 * len(fams)), squeeze=False)
-    for row, fam in zip(axes, fams):
-        for ax, shape in zip(row, fam.shapes):
             for k, scheme in enumerate(fam.schemes):
-                c = next(c for c in cells if (c["family"], c["shape"], c["scheme"]) == (fam.name, shape, scheme))
-                for r in runs:
-                    if (r["family"], r["shape"], r["scheme"], r["lr"]) == (fam.name, shape, scheme, c["best_lr"]):
-                        pts = [(s * tokens_per_step / 1e6, v) for s, _, v, _ in r["curve_valid"] if _finite(v)]
-                        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{k}", lw=1,
-                                label=scheme if r["seed"] == fam.search_seed else None)
-            _reference(ax, unigram)
-            ax.set_xlabel("tokens (M)")
+                draw(ax, spec, result, fam, shape, scheme, f"C{k}")
+            _reference(ax, result["unigram_valid_loss"])
+            ax.set_xlabel(xlabel)
             ax.set_title(f"{fam.name} {shape}", fontsize=10)
-        row[0].set_ylabel("valid MLM loss")
+        row[0].set_ylabel(ylabel)
         row[0].legend(fontsize=7)
     fig.tight_layout()
-    save(fig, out / "curves.png")
+    save(fig, path)
 
-    profiled = [r for r in runs if r.get("grad_profile")]
-    if profiled:
-        plot_grad_profiles(profiled, out / "grad_profiles.png")
+
+def _find_cell(result: dict, fam, shape: str, scheme: str) -> dict:
+    return next(c for c in result["cells"] if (c["family"], c["shape"], c["scheme"]) == (fam.name, shape, scheme))
+
+
+def _lr_sweep(ax, spec, result, fam, shape, scheme, colour) -> None:
+    c = _find_cell(result, fam, shape, scheme)
+    pts = sorted((float(lr), v) for lr, v in c["lr_sweep"].items() if _finite(v))
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colour, label=scheme)
+    ax.set_xscale("log")
+
+
+def _best_lr_curves(ax, spec, result, fam, shape, scheme, colour) -> None:
+    c = _find_cell(result, fam, shape, scheme)
+    tokens_per_step = spec.train["global_batch"] * spec.train["seq_len"]
+    for r in result["runs"]:
+        if (r["family"], r["shape"], r["scheme"], r["lr"]) == (fam.name, shape, scheme, c["best_lr"]):
+            pts = [(s * tokens_per_step / 1e6, v) for s, _, v, _ in r["curve_valid"] if _finite(v)]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colour, lw=1,
+                    label=scheme if r["seed"] == fam.search_seed else None)
 
 
 def plot_grad_profiles(runs: list[dict], path: Path) -> None:

@@ -221,68 +221,82 @@ def _machines_line(runs: list[dict]) -> str:
 
 
 def markdown(spec: Spec, result: dict) -> str:
-    cells, lines = result["cells"], [f"# Study {spec.name}", ""]
+    """``results.md``: the unigram reference, the machines, per family the results table, the lr
+    sweep and the runs that did not train, then the equal-wall-clock view and the verdict."""
+    lines = [f"# Study {spec.name}", ""]
     if result["unigram_valid_loss"] is not None:
         lines += [f"Unigram reference loss of the valid split: {result['unigram_valid_loss']:.3f} nats "
                   f"(a run ending above {result['unigram_valid_loss'] - STALL_MARGIN:.3f} counts as stalled).", ""]
     lines += [_machines_line(result["runs"]), ""]
     for fam in spec.families.values():
-        lines += [f"## Family {fam.name} ({fam.tokens / 1e6:.1f}M tokens per run)", "",
-                  "Final valid MLM loss at each cell's best lr: mean ± std over seeds (n), best lr.", "",
-                  "| shape | " + " | ".join(fam.schemes) + " |", "|---|" + "---|" * len(fam.schemes)]
-        for shape in fam.shapes:
-            row = []
-            for scheme in fam.schemes:
-                c = _cell(cells, fam.name, shape, scheme)
-                lr = f", lr {c['best_lr']:g}" if c["best_lr"] is not None else ""
-                row.append(f"{_fmt(c['mean'], c['std'])} ({c['n']}{lr})" if c["n"] else "—")
-            lines.append(f"| {shape} | " + " | ".join(row) + " |")
-        lrs = sorted({float(lr) for c in cells if c["family"] == fam.name for lr in c["lr_sweep"]})
-        swept = [c for c in cells if c["family"] == fam.name and c["lr_sweep"]]
-        if not swept:
-            lines += ["", "No runs yet.", ""]
-            continue
-        lines += ["", f"Learning-rate sweep (seed {fam.search_seed}):", "",
-                  "| shape | scheme | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
-                  "|---|---|" + "---|" * len(lrs)]
-        for c in swept:
-            values = [_fmt(c["lr_sweep"].get(f"{lr:g}")) for lr in lrs]
-            lines.append(f"| {c['shape']} | {c['scheme']} | " + " | ".join(values) + " |")
-        bad = [c for c in cells if c["family"] == fam.name and (c["nonfinite"] or c["failed"] or c["stalled"])]
-        if bad:
-            lines += ["", "Runs that did not train (stalled: ended above the stall line):", "",
-                      "| shape | scheme | runs | stalled | non-finite | failed |", "|---|---|---|---|---|---|"]
-            lines += [f"| {c['shape']} | {c['scheme']} | {c['runs']} | {c['stalled']} | {c['nonfinite']} | "
-                      f"{c['failed']} |" for c in bad]
-        lines.append("")
-    wall = result["equal_wall_clock"]
-    if wall:
-        lines += ["## Equal wall-clock", "", "Valid loss each shape had reached when the shallowest shape's "
-                  "runs ended (best lr, mean over seeds).", ""]
-        for row in wall:
-            shapes = " / ".join(f"{k} {_fmt(v)}" for k, v in row["loss"].items())
-            lines.append(f"- {row['family']} {row['scheme']} at {row['seconds']:g} s: {shapes}")
-        lines.append("")
-    v = result["verdict"]
-    if v:
-        lines += ["## Verdict", "", f"Method {v['method']}; baselines {', '.join(v['baselines'])}; "
-                  f"broken {v['broken']}; families {', '.join(v['families'])}.", ""]
-        for name, key in (("DSLM enables depth", "enables_depth"), ("Deeper is better", "deeper_is_better")):
-            state = {None: "incomplete", True: "holds", False: "does not hold"}[v[key]]
-            lines.append(f"- **{name}**: {state}")
-        for d in v["depth_rule"]:
-            if d.get("status") == "incomplete":
-                lines.append(f"  - {d['family']} {d['shape']}: incomplete")
-            else:
-                lines.append(f"  - {d['family']} {d['shape']}: {v['method']} {_fmt(d['method'], d['method_std'])}, "
-                             f"best baseline {d['best_baseline']} {_fmt(d['baseline'], d['baseline_std'])}, "
-                             f"{v['broken']} {_fmt(d['broken'])}: within/better {d['within_or_better']}, "
-                             f"broken clearly worse {d['broken_clearly_worse']}")
-        for d in v["deeper_rule"]:
-            if d.get("status") == "incomplete":
-                lines.append(f"  - {d['family']} {' -> '.join(d['pair'])}: incomplete")
-            else:
-                lines.append(f"  - {d['family']} {' -> '.join(d['pair'])}: drop {_fmt(d['mean_drop'], d['std_drop'])} "
-                             f"over {d['paired_seeds']} paired seeds: {'holds' if d['holds'] else 'does not hold'}")
-        lines.append("")
+        lines += _family_lines(fam, [c for c in result["cells"] if c["family"] == fam.name])
+    lines += _wall_clock_lines(result["equal_wall_clock"]) + _verdict_lines(result["verdict"])
     return "\n".join(lines)
+
+
+def _family_lines(fam, cells: list[dict]) -> list[str]:
+    """One family's section: best-lr table, lr sweep, runs that did not train."""
+    lines = [f"## Family {fam.name} ({fam.tokens / 1e6:.1f}M tokens per run)", "",
+             "Final valid MLM loss at each cell's best lr: mean ± std over seeds (n), best lr.", "",
+             "| shape | " + " | ".join(fam.schemes) + " |", "|---|" + "---|" * len(fam.schemes)]
+    for shape in fam.shapes:
+        row = []
+        for scheme in fam.schemes:
+            c = _cell(cells, fam.name, shape, scheme)
+            lr = f", lr {c['best_lr']:g}" if c["best_lr"] is not None else ""
+            row.append(f"{_fmt(c['mean'], c['std'])} ({c['n']}{lr})" if c["n"] else "—")
+        lines.append(f"| {shape} | " + " | ".join(row) + " |")
+    swept = [c for c in cells if c["lr_sweep"]]
+    if not swept:
+        return lines + ["", "No runs yet.", ""]
+    lrs = sorted({float(lr) for c in swept for lr in c["lr_sweep"]})
+    lines += ["", f"Learning-rate sweep (seed {fam.search_seed}):", "",
+              "| shape | scheme | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
+              "|---|---|" + "---|" * len(lrs)]
+    for c in swept:
+        values = [_fmt(c["lr_sweep"].get(f"{lr:g}")) for lr in lrs]
+        lines.append(f"| {c['shape']} | {c['scheme']} | " + " | ".join(values) + " |")
+    bad = [c for c in cells if c["nonfinite"] or c["failed"] or c["stalled"]]
+    if bad:
+        lines += ["", "Runs that did not train (stalled: ended above the stall line):", "",
+                  "| shape | scheme | runs | stalled | non-finite | failed |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c['shape']} | {c['scheme']} | {c['runs']} | {c['stalled']} | {c['nonfinite']} | "
+                  f"{c['failed']} |" for c in bad]
+    return lines + [""]
+
+
+def _wall_clock_lines(wall: list[dict]) -> list[str]:
+    if not wall:
+        return []
+    lines = ["## Equal wall-clock", "", "Valid loss each shape had reached when the shallowest shape's "
+             "runs ended (best lr, mean over seeds).", ""]
+    for row in wall:
+        shapes = " / ".join(f"{k} {_fmt(v)}" for k, v in row["loss"].items())
+        lines.append(f"- {row['family']} {row['scheme']} at {row['seconds']:g} s: {shapes}")
+    return lines + [""]
+
+
+def _verdict_lines(v: dict | None) -> list[str]:
+    """The two rules, each with its per-shape (or per-pair) evidence."""
+    if not v:
+        return []
+    lines = ["## Verdict", "", f"Method {v['method']}; baselines {', '.join(v['baselines'])}; "
+             f"broken {v['broken']}; families {', '.join(v['families'])}.", ""]
+    for name, key in (("DSLM enables depth", "enables_depth"), ("Deeper is better", "deeper_is_better")):
+        state = {None: "incomplete", True: "holds", False: "does not hold"}[v[key]]
+        lines.append(f"- **{name}**: {state}")
+    for d in v["depth_rule"]:
+        if d.get("status") == "incomplete":
+            lines.append(f"  - {d['family']} {d['shape']}: incomplete")
+        else:
+            lines.append(f"  - {d['family']} {d['shape']}: {v['method']} {_fmt(d['method'], d['method_std'])}, "
+                         f"best baseline {d['best_baseline']} {_fmt(d['baseline'], d['baseline_std'])}, "
+                         f"{v['broken']} {_fmt(d['broken'])}: within/better {d['within_or_better']}, "
+                         f"broken clearly worse {d['broken_clearly_worse']}")
+    for d in v["deeper_rule"]:
+        if d.get("status") == "incomplete":
+            lines.append(f"  - {d['family']} {' -> '.join(d['pair'])}: incomplete")
+        else:
+            lines.append(f"  - {d['family']} {' -> '.join(d['pair'])}: drop {_fmt(d['mean_drop'], d['std_drop'])} "
+                         f"over {d['paired_seeds']} paired seeds: {'holds' if d['holds'] else 'does not hold'}")
+    return lines + [""]
