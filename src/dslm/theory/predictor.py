@@ -15,13 +15,24 @@ norms fluctuate relative to a Gaussian's (``phi``): :func:`layernorm_corr`'s O(1
 assumes a Gaussian input, whose token norms fluctuate; a Post-LN stream is mostly the previous
 LayerNorm's output, whose norms are fixed, and applying the full correction twice per layer would
 lose ~N/d of the correlation that the measurement keeps, so the correction is scaled by phi.
-Embeddings: three tables of std s_e, summed (variance 3 s_e^2, correlation r0), then dropout. A
+Embeddings: ``config.embedding_tables`` tables (BERT: 3, the default; GPT: 2) of std s_e, summed
+(variance tables s_e^2, correlation r0), then dropout. A
 sub-layer is LayerNorm (:func:`layernorm`), the block, hidden dropout (:func:`dropout`) and the residual mix
 x <- lam x + beta block with the config's (lam^2, beta^2) (:meth:`BertConfig.residual_variances`:
 plain adds, DSLM scaling or DeepNorm's alpha), whose variances and covariances add (the block's
 weights are independent of x). The attention block is :func:`attention_head` (per head: Q/K/V
 d -> d_h, softmax over the L real tokens, attention dropout) followed by the output :func:`linear`;
-the FFN is :func:`ffn_block`.
+the FFN is :func:`ffn_block` with the scheme's input and output stds (``ffn``, ``ffn_out``: GPT-2
+scales the output matrix down); a tanh GeLU takes the erf GeLU's moments.
+
+Decoders (``config.causal``): query t attends to keys 1..t. The heads' forward moments are
+:func:`dslm.theory.causal.attention_head_masked` under the causal :class:`MaskSums` (exact row
+softmax second moments, first order in the logits otherwise); for a batch of unequal ``lengths`` the
+sums are pooled over its sequences (per-token sums weighted by n_b, per-pair sums by n_b (n_b - 1),
+and L = 1 + pairs / tokens, so that a pair average is a per-token sum over L - 1). The walk still
+tracks one variance and one correlation per stream: in a decoder early positions carry more variance
+(token t's head output keeps (1 - r) S_t, S_1 = 1) and pairs of tokens correlate by their shared
+prefix, so the predicted curves are averages over positions and pairs, as the probe measures them.
 
 Backward. A gradient is (variance g2, cross-token covariance), pushed from the top of the stack down
 with the backward moments of the same components: dropout, linear (fan-out times s_w^2), ReLU/GeLU
@@ -40,6 +51,19 @@ summed against the centred keys (1/L), but for dk_j the queries' common part sur
 sum_i P_ij G_i keeps the gradient's common part, so dk_j ~ (G_mean . (v_j - v_mean)) q_mean: of the
 order of the value path itself where r and r_g are high (Post-LN), and uncorrelated across tokens
 (it lowers the gradient correlation). Both are taken as uncorrelated across tokens.
+
+Decoder backward: the value path is :func:`attention_head_masked`'s (query rows averaged where the
+bidirectional path uses L: sum_t S_t / L for L E[P^2], (1/L) sum_{t != t'} |K_t & K_t'| / (t t') for
+(L - 1)/L, exact for uniform attention given S_t); the query/key path to the input is
+:func:`dslm.theory.causal.attention_qk_gradient` (approximate, first order in the logits, with the
+Q path's cross-token covariance). For the weight norms it is split per feature as
+var(dq) = g_y var(v) var(q) (1 - r) [(1 - r) seen / d + c seen2], c = (1 - r + r p_a)/(1 - p_a),
+the Q path's row average (the modelled covariance is all the Q path's), and var(dk) the rest. Every
+softmax row's logit gradient sums to 0, so a sequence's key gradients sum to 0 (exact): their mean
+covariance is -var(dk) tokens / pairs, in the W_k norm and in the input gradient. The walk pools
+the stream over positions; a decoder's gradient piles onto the first positions (every query sees
+token 1), which the pooled variance misses: measured, the bottom layers' gradient variance comes out
+20-30 % low on 8 layers (THEORY.md, "DSLM init for decoders").
 
 Weight gradients. For y = x W summed over the T real tokens of the batch,
 E ||dL/dW||^2 = d_in d_out [T E[x^2] g2 + P cov_x cov_g], with P = sum over sequences of
@@ -60,6 +84,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dslm.theory.causal import MaskSums, attention_head_masked, attention_qk_gradient, causal_mask_sums
 from dslm.theory.components import (
     attention_head, dropout, ffn_block, gelu, layernorm, linear, relu, softmax,
 )
@@ -75,7 +100,8 @@ class Prediction(SignalProfile):
 
 
 def _token_counts(seq_len, batch_size, lengths):
-    """(T, P, L_eff): real tokens, ordered same-sequence token pairs, mean real length."""
+    """(T, P, L_eff, n): real tokens, ordered same-sequence token pairs, mean real length, and the
+    real length of every sequence."""
     if lengths is None:
         if seq_len is None or seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len!r}")
@@ -87,7 +113,26 @@ def _token_counts(seq_len, batch_size, lengths):
     tokens = float(n.sum())
     pairs = float((n * (n - 1)).sum())
     # the token-weighted mean of 1/n_b is exactly 1/mean(n_b): the 1/L terms use the mean length
-    return tokens, pairs, tokens / n.size
+    return tokens, pairs, tokens / n.size, n
+
+
+def _pooled_causal_sums(lengths, logit_var, r) -> MaskSums:
+    """The causal :class:`MaskSums` of a batch of sequences of the given real lengths: per-token
+    sums weighted by tokens, per-pair sums by ordered pairs, L = 1 + pairs / tokens (module
+    docstring). Equal lengths n give :func:`causal_mask_sums` at n."""
+    n, count = np.unique(np.asarray(lengths, dtype=np.int64), return_counts=True)
+    sums = causal_mask_sums(n, logit_var, r)
+    tokens, pairs = count * n, count * n * (n - 1)
+    per_token = ("sq", "seen", "seen2", "overlap_total", "shared_total")
+
+    def pool(name):
+        w = tokens if name in per_token else pairs
+        if w.sum() == 0:
+            return 0.0
+        return float(np.sum(w * np.where(w > 0, getattr(sums, name), 0.0)) / w.sum())
+
+    fields = {name: pool(name) for name in MaskSums._fields if name != "L"}
+    return MaskSums(L=1.0 + pairs.sum() / tokens.sum(), **fields)
 
 
 class _Signal:
@@ -117,14 +162,16 @@ def predict(config, seq_len=None, batch_size=None, r0=None, lengths=None,
             top_grad_corr: float = 0.0, ln_corr_mode: str = "delta",
             softmax_variant: str = "approx") -> Prediction:
     """Predict per-layer forward variance, correlation and relative gradient norms of a freshly
-    initialised BERT of ``config`` in training mode (dropout on).
+    initialised BERT of ``config`` in training mode (dropout on); a decoder (causal attention) when
+    ``config.causal`` is true, with ``config.embedding_tables`` summed embedding tables (default 3).
 
     ``seq_len``/``batch_size``: an unpadded batch shape; or ``lengths``: the real-token count of each
     sequence of the batch (the attention sees only real keys). ``r0``: cross-token correlation of
     the summed input embeddings before dropout (default ``config.r0``; measure it with
     :func:`dslm.probe.measure_r0` for the actual model and batch). ``top_grad_corr``: correlation
     of the gradient arriving at the top of the stack. ``ln_corr_mode`` / ``softmax_variant``: the
-    component variants (see :func:`layernorm_corr`, :func:`softmax_var`).
+    component variants (see :func:`layernorm_corr`, :func:`softmax_var`); a decoder's softmax rows are
+    exact (:func:`dslm.theory.causal.causal_mask_sums`) and ignore ``softmax_variant``.
     """
     walk = _Walk(config, _token_counts(seq_len, batch_size, lengths), ln_corr_mode, softmax_variant)
     emb, saved = walk.forward(float(config.r0 if r0 is None else r0))
@@ -144,21 +191,26 @@ class _Walk:
     pass pushes the relative gradient down through them (see the module docstring)."""
 
     def __init__(self, config, counts, ln_corr_mode: str, softmax_variant: str):
-        self.tokens, self.pairs, self.L = counts
+        self.tokens, self.pairs, self.L, self.lengths = counts
+        self.causal = bool(getattr(config, "causal", False))
+        self.tables = int(getattr(config, "embedding_tables", 3))
+        self._sums_cache = {}
         self.d, self.d_f = config.hidden_size, config.ffn_size
         self.d_h, self.N = config.head_dim, config.num_layers
         self.p, self.pa = float(config.hidden_dropout), float(config.attention_dropout)
-        self.act, self.pre = config.activation, config.ln == "pre"
+        # tanh GeLU takes the erf GeLU's moments: the two differ by at most 5e-4 pointwise
+        self.act = "gelu" if config.activation == "gelu_tanh" else config.activation
+        self.pre = config.ln == "pre"
         self.lam2, self.beta2 = config.residual_variances()
         self.stds = scheme_stds(config)
-        self.s_qk, self.s_f = self.stds["qk"], self.stds["ffn"]
+        self.s_qk, self.s_f, self.s_f_out = self.stds["qk"], self.stds["ffn"], self.stds["ffn_out"]
         self.ln_corr_mode, self.softmax_variant = ln_corr_mode, softmax_variant
 
     # ------------------------------------------------------------------ forward
     def forward(self, r0: float) -> tuple[_Signal, list[dict]]:
         """The embedding signal and, per layer, its input ``x``, attention input ``a``, head output
         ``y``, mid-layer stream ``h``, FFN input ``b`` and output stream ``out``."""
-        m = dropout(0.0, 3 * self.stds["embedding"] ** 2, r0, self.p)
+        m = dropout(0.0, self.tables * self.stds["embedding"] ** 2, r0, self.p)
         emb = x = _Signal(m.var, m.cov)
         saved = []
         for i in range(self.N):
@@ -186,13 +238,30 @@ class _Walk:
     def _attention_forward(self, a: _Signal, i: int) -> tuple[_Signal, _Signal]:
         """(the block output after hidden dropout, the heads' concatenated output)."""
         s_v, s_o = self.stds["v"][i], self.stds["attn_out"][i]
-        head = attention_head(a.var, a.corr, self.d, self.d_h, self.L, self.s_qk, self.s_qk, s_v, self.pa)
+        head = self._head(a, s_v)
         out = linear(0.0, head.var, head.cov / head.var, self.d, self.d, s_o ** 2)
         m = dropout(0.0, out.var, out.cov / out.var, self.p)
         return _Signal(m.var, m.cov), _Signal(head.var, head.cov)
 
+    def _mask_sums(self, a: _Signal) -> MaskSums:
+        """The batch's causal :class:`MaskSums` at the attention input ``a`` (logit variance
+        d^2 s_qk^4 var^2), computed once per input (the softmax rows need a quadrature)."""
+        key = (a.var, a.corr)
+        if key not in self._sums_cache:
+            logit_var = self.d ** 2 * self.s_qk ** 4 * a.var ** 2
+            self._sums_cache[key] = _pooled_causal_sums(self.lengths, logit_var, a.corr)
+        return self._sums_cache[key]
+
+    def _head(self, a: _Signal, s_v, g2=1.0, r_g=0.0):
+        """One head's moments at input ``a``: bidirectional over the L real tokens, or causal."""
+        if not self.causal:
+            return attention_head(a.var, a.corr, self.d, self.d_h, self.L, self.s_qk, self.s_qk, s_v,
+                                  self.pa, g2, r_g)
+        return attention_head_masked(a.var, a.corr, self.d, self.d_h, self._mask_sums(a), self.s_qk,
+                                     self.s_qk, s_v, self.pa, g2, r_g, qk_paths=False)
+
     def _ffn_forward(self, b: _Signal) -> _Signal:
-        blk = ffn_block(b.var, b.corr, self.d, self.d_f, self.s_f, self.s_f, activation=self.act)
+        blk = ffn_block(b.var, b.corr, self.d, self.d_f, self.s_f, self.s_f_out, activation=self.act)
         m = dropout(0.0, blk.var, blk.cov / blk.var, self.p)
         return _Signal(m.var, m.cov)
 
@@ -254,7 +323,7 @@ class _Walk:
         g_f, gc_f = dm.grad_var, self.beta2 * gc_out
         x2, xc, am = self._activation_moments(b)
         nf_out = self._wnorm2(d_f, d, x2, xc, g_f, gc_f)
-        lo = linear(0.0, 1.0, 0.0, d_f, d, s_f ** 2, g_f, gc_f / g_f)
+        lo = linear(0.0, 1.0, 0.0, d_f, d, self.s_f_out ** 2, g_f, gc_f / g_f)
         g_u, gc_u = lo.grad_var * am.grad_var, lo.grad_cov * am.grad_cov   # gate gains
         nf_in = self._wnorm2(d, d_f, b.var, b.cov, g_u, gc_u)
         li = linear(0.0, 1.0, 0.0, d, d_f, s_f ** 2, g_u, gc_u / g_u)
@@ -262,12 +331,25 @@ class _Walk:
 
     def _attention_backward(self, a: _Signal, y: _Signal, i: int, g_out, gc_out):
         """Gradient (var, cov) at the attention input, and the squared Q/K/V/out weight-gradient norms."""
-        d, L, pa, s_qk = self.d, self.L, self.pa, self.s_qk
+        d, s_qk = self.d, self.s_qk
         s_v, s_o = self.stds["v"][i], self.stds["attn_out"][i]
         g_o, gc_o = self.beta2 * g_out / (1 - self.p), self.beta2 * gc_out  # hidden dropout
         n_out = self._wnorm2(d, d, y.var, y.cov, g_o, gc_o)
         lo = linear(0.0, 1.0, 0.0, d, d, s_o ** 2, g_o, gc_o / g_o)        # through W_o^T
         g_y, r_gy = lo.grad_var, lo.grad_cov / lo.grad_var
+        paths = self._causal_paths if self.causal else self._bidirectional_paths
+        g_v, gc_v, g_q, gc_q, g_k, gc_k = paths(a, s_v, g_y, r_gy)
+        n_v = self._wnorm2(d, d, a.var, a.cov, g_v, gc_v)
+        n_q = self._wnorm2(d, d, a.var, a.cov, g_q, gc_q)
+        n_k = self._wnorm2(d, d, a.var, a.cov, g_k, gc_k)
+        gx = d * s_v ** 2 * g_v + d * s_qk ** 2 * (g_q + g_k)               # W_v^T, W_q^T, W_k^T
+        gcx = d * s_v ** 2 * gc_v + d * s_qk ** 2 * (gc_q + gc_k)
+        return gx, gcx, n_q, n_k, n_v, n_out
+
+    def _bidirectional_paths(self, a: _Signal, s_v, g_y, r_gy):
+        """Per feature of v, q and k: gradient (var, cov) of v, of q and of k, from
+        the heads' output gradient (g_y, r_gy); bidirectional attention (module docstring)."""
+        d, L, pa, s_qk = self.d, self.L, self.pa, self.s_qk
         # softmax second moment: logits q k^T / sqrt(d_h) have variance d^2 s_q^2 s_k^2 s2^2
         sm = softmax(d * d * s_qk ** 4 * a.var ** 2, a.corr, L, variant=self.softmax_variant)
         p2_sum = L * (sm.var + sm.mean ** 2)           # sum_i E[P_ij^2] over the L queries
@@ -276,19 +358,32 @@ class _Walk:
         unit = attention_head(a.var, a.corr, d, self.d_h, L, s_qk, s_qk, 1.0 / math.sqrt(self.d_h), pa,
                               g_y, r_gy)
         g_v = g_y * (p2_sum / (1 - pa) + (L - 1) / L * r_gy)
-        gc_v = unit.grad_cov
-        n_v = self._wnorm2(d, d, a.var, a.cov, g_v, gc_v)
         # query/key path (not in attention_head), see the module docstring
         v_var = d * s_v ** 2 * a.var
         k_var = d * s_qk ** 2 * a.var                   # = var(q): s_q = s_k
         r, one_r = a.corr, max(1.0 - a.corr, 0.0)
         g_q = p2_sum * g_y * v_var * k_var * one_r ** 2
         g_k = g_q + g_y * max(r_gy, 0.0) * r * one_r * v_var * k_var
-        n_q = self._wnorm2(d, d, a.var, a.cov, g_q, 0.0)
-        n_k = self._wnorm2(d, d, a.var, a.cov, g_k, 0.0)
-        gx = d * s_v ** 2 * g_v + d * s_qk ** 2 * (g_q + g_k)               # W_v^T, W_q^T, W_k^T
-        gcx = d * s_v ** 2 * gc_v
-        return gx, gcx, n_q, n_k, n_v, n_out
+        return g_v, unit.grad_cov, g_q, 0.0, g_k, 0.0
+
+    def _causal_paths(self, a: _Signal, s_v, g_y, r_gy):
+        """As :meth:`_bidirectional_paths` for causal attention: the value path of
+        :func:`attention_head_masked`, the Q/K paths of :func:`attention_qk_gradient` split into
+        q and k per feature (module docstring)."""
+        d, d_h, pa, s_qk = self.d, self.d_h, self.pa, self.s_qk
+        sums = self._mask_sums(a)
+        unit = self._head(a, 1.0 / math.sqrt(d_h), g_y, r_gy)
+        qk_var, qk_cov = attention_qk_gradient(a.var, a.corr, d, d_h, sums, s_qk, s_qk, s_v, pa, g_y, r_gy)
+        v_var, k_var = d * s_v ** 2 * a.var, d * s_qk ** 2 * a.var
+        one_r, c = 1.0 - a.corr, (1.0 - a.corr + a.corr * pa) / (1.0 - pa)
+        g_q = g_y * v_var * k_var * one_r * (one_r * sums.seen / d + c * sums.seen2)
+        per_feature = d_h * s_qk ** 2                    # input gradient of one head's W_q^T per unit
+        g_k = float(qk_var) / per_feature - float(g_q)
+        # every softmax row's logit gradient sums to 0, so the key gradients of a sequence sum to 0
+        # (exact): their mean covariance over the batch's pairs is -g_k tokens / pairs
+        gc_k = -g_k * self.tokens / self.pairs if self.pairs else 0.0
+        return (float(unit.grad_var), float(unit.grad_cov), float(g_q), float(qk_cov) / per_feature,
+                g_k, gc_k)
 
 
 # ---------------------------------------------------------------------------------------------
