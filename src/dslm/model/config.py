@@ -210,7 +210,8 @@ class GPTConfig(TransformerConfig):
             raise ValueError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
 
     def _dslm_attention(self) -> dict:
-        return {"causal_len": self.max_position_embeddings, "embedding_tables": self.embedding_tables}
+        return {"causal_len": self.max_position_embeddings, "embedding_tables": self.embedding_tables,
+                "attention_dropout": self.attention_dropout}
 
     def logit_scale(self) -> float:
         """The DSLM logit scale of a tied head; 1 for an untied one (see the class docstring)."""
