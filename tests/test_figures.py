@@ -10,7 +10,7 @@ TINY = ["--preset", "small", "--layers", "4", "--hidden", "32", "--heads", "4", 
 
 
 # signal_propagation.json's keys: docs/figures.md, replot and the plots read them
-RECORD_KEYS = {"command", "init", "preset", "settings", "seed", "device", "device_name", "torch", "data",
+RECORD_KEYS = {"command", "arch", "init", "preset", "settings", "seed", "device", "device_name", "torch", "data",
                "peak_memory_gib", "runs", "total_seconds", "notes"}
 SETTINGS_KEYS = {"layers", "hidden", "heads", "seq_len", "batch", "micro_batch", "dropout", "lam2", "beta2",
                  "preset", "r0"}

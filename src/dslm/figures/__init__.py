@@ -1,6 +1,6 @@
-"""Signal-propagation figures (THEORY.md section 4): build a BERT with one init scheme, probe one
-forward/backward on a real-text batch in training mode, predict the same curves from the component
-theory, and plot both.
+"""Signal-propagation figures (THEORY.md section 4): build a BERT (or, with --arch gpt, a decoder)
+with one init scheme, probe one forward/backward on a real-text batch in training mode, predict the
+same curves from the component theory, and plot both.
 
 For each LayerNorm placement (--placements, default pre and post; --init deepnorm is a Post-LN
 scheme and draws Post-LN only) the command writes into --out:
@@ -12,6 +12,9 @@ are scaled by the one constant (the loss's gradient scale) that matches their ge
 measurement. --preset paper is THEORY.md's setting (192 layers, d 1024, 16 heads, L 256, batch 64,
 fp32, dropout 0.1; dslm lam2/beta2 0.995/0.005); --preset small is a CPU-sized deep model. The
 model flags are dslm pretrain's (dslm.model.flags, less --ln); a flag given wins over the preset.
+--arch gpt builds the decoder (dslm.model.GPTLMHeadModel: causal attention, word + position
+embeddings, tied LM head) from the same flags and probes its next-token loss on next-token windows
+of the same data (dslm.figures.decoder); its default folder is outputs/figures/gpt/<init>.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dslm.errors import UsageError
+from dslm.figures.plots import ARCH_NAME, LN_NAME, replot, write_figures  # noqa: F401 (replot: public)
 from dslm.files import write_text_atomic
 from dslm.model.flags import add_model_arguments, config_from_args
 from dslm.runtime import resolve_device
@@ -42,17 +46,22 @@ DSLM_KEYS = ("lam2", "beta2")   # the preset's residual scales: --init dslm only
 PLACEMENTS = ("pre", "post")
 POST_LN_ONLY = ("deepnorm",)
 DEFAULT_DATA = Path("outputs") / "data" / "embedded"
-LN_NAME = {"pre": "Pre-LN", "post": "Post-LN"}
+ARCHS = ("bert", "gpt")
 
 
 def add_arguments(p):
+    """The command's flags: the run's own, then the model and batch flags a preset fills."""
+    p.add_argument("--arch", choices=ARCHS, default="bert",
+                   help="the model: bert (the encoder, masked-LM + binary loss) or gpt (the decoder, "
+                        "next-token loss)")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="defaults of the model and batch flags (default: paper on a GPU, small on a CPU)")
     p.add_argument("--placements", nargs="+", choices=PLACEMENTS, default=argparse.SUPPRESS,
                    help="LayerNorm placements to run (default: pre post; with --init deepnorm: post, "
                         "the only placement DeepNorm is defined for)")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="output folder (default outputs/figures/<init>)")
+                   help="output folder (default outputs/figures/<init>, with --arch gpt "
+                        "outputs/figures/gpt/<init>)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to run (auto: cuda if available)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the model weights, the batch and dropout")
@@ -115,13 +124,22 @@ def _placements(args) -> list[str]:
 
 def _config(args, ln: str, vocab_size: int, r0=None):
     """The model of one placement: the shared model flags (:mod:`dslm.model.flags`) with LayerNorm
-    ``ln``, exactly --seq-len positions and, where given, a measured r0."""
+    ``ln``, exactly --seq-len positions and, where given, a measured r0; a :class:`GPTConfig` with
+    --arch gpt."""
     measured = {} if r0 is None else {"r0": r0}
-    return config_from_args(args, vocab_size, args.seq_len, ln=ln,
-                            max_position_embeddings=args.seq_len, **measured)
+    config = config_from_args(args, vocab_size, args.seq_len, ln=ln,
+                              max_position_embeddings=args.seq_len, **measured)
+    if args.arch == "gpt":
+        from dslm.figures.decoder import decoder_config
+
+        return decoder_config(config)
+    return config
 
 
 def _batch(args):
+    """(the batch, the vocabulary size, the data folder): BERT pretraining samples, or with --arch
+    gpt next-token windows (:func:`dslm.figures.decoder.next_token_windows`), of --data or the
+    embedded corpus."""
     from dslm.data import PretrainingDataset, ensure_embedded_dataset
 
     data_dir = args.data
@@ -129,71 +147,126 @@ def _batch(args):
         data_dir = ensure_embedded_dataset(DEFAULT_DATA)
     elif not Path(data_dir).is_dir():
         raise UsageError(f"--data {data_dir}: no such directory (expected a prepared dataset)")
+    if args.arch == "gpt":
+        from dslm.figures.decoder import next_token_windows
+
+        return (*next_token_windows(data_dir, args.seq_len, args.batch, args.seed), Path(data_dir))
     ds = PretrainingDataset(data_dir, split="train", seq_len=args.seq_len, seed=args.seed)
     indices = [i % len(ds) for i in range(args.batch)]
     return ds.get_batch(indices), len(ds.vocab), Path(data_dir)
+
+
+def _out(args) -> Path:
+    """--out, or outputs/figures/<init> (BERT) and outputs/figures/gpt/<init> (the decoder)."""
+    out = Path("outputs") / "figures" / args.init
+    if args.arch == "gpt":
+        out = Path("outputs") / "figures" / "gpt" / args.init
+    out = Path(args.out) if args.out else out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # one run: build, probe, predict
 
 
-def _run_one(args, ln, batch, vocab_size, device, timer):
+def _r0_config(args, ln: str, vocab_size: int, batch: dict):
+    """With --init dslm --r0 auto, the r0 of the s_vo recursion measured on this batch with the
+    model's own embedding tables (word + position, + token type in BERT) drawn at unit std: r0 is
+    scale-free. None otherwise (the flag's number or the default)."""
     import torch
 
-    from dslm.model import BertForPreTraining
-    from dslm.model.bert import Embeddings
-    from dslm.probe import measure_r0, probe_model
-    from dslm.theory import agreement, normalise, predict
+    from dslm.model.blocks import Embeddings
+    from dslm.probe import measure_r0
 
-    init, seed = args.init, args.seed
-    r0_config = None
-    if init == "dslm" and args.r0 == "auto":   # the recursion's r0, measured on this batch
-        torch.manual_seed(seed)
-        emb = Embeddings(_config(args, ln, vocab_size))   # only the tables: r0 is scale-free
-        for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+    if args.init != "dslm" or args.r0 != "auto":
+        return None
+    torch.manual_seed(args.seed)
+    emb = Embeddings(_config(args, ln, vocab_size))   # only the tables
+    for table in emb.modules():
+        if isinstance(table, torch.nn.Embedding):
             torch.nn.init.normal_(table.weight)
-        r0_config = measure_r0(emb, batch)
-    config = _config(args, ln, vocab_size, r0_config)
+    return measure_r0(emb, batch)
+
+
+def _timed(timer: dict, key: str, device, fn, *a, **kw):
+    """``fn(*a, **kw)``, its wall time (the device synchronised) in ``timer[key]``."""
+    import torch
 
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
+    value = fn(*a, **kw)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    timer[key] = time.perf_counter() - t0
+    return value
+
+
+def _build(args, config, device):
+    """The model of ``config`` (a BERT, or a decoder with --arch gpt), seeded, on ``device``."""
+    import torch
+
+    from dslm.model import BertForPreTraining, GPTLMHeadModel
+
+    torch.manual_seed(args.seed)
     with torch.device(device):
-        model = BertForPreTraining(config)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    timer["build_s"] = time.perf_counter() - t0
+        return (GPTLMHeadModel if args.arch == "gpt" else BertForPreTraining)(config)
 
-    t0 = time.perf_counter()
+
+def _probe(args, model, batch):
+    """(r0 of the model's input embeddings, the probe's measurement) on ``batch``."""
+    import torch
+
+    from dslm.probe import measure_r0, probe_model
+
     r0_input = measure_r0(model, batch)            # the input correlation the predictor starts from
-    torch.manual_seed(seed + 1)                    # dropout masks
-    measured = probe_model(model, batch, micro_batch_size=args.micro_batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    timer["probe_s"] = time.perf_counter() - t0
-    del model
+    torch.manual_seed(args.seed + 1)               # dropout masks
+    return r0_input, probe_model(model, batch, micro_batch_size=args.micro_batch)
 
-    t0 = time.perf_counter()
-    lengths = batch["attention_mask"].sum(1).cpu().numpy()
-    pred = predict(config, lengths=lengths, r0=r0_input)
-    timer["predict_s"] = time.perf_counter() - t0
+
+def _lengths(batch: dict) -> np.ndarray:
+    """Real tokens per sequence: the attention mask's, or every position (next-token windows)."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return np.full(batch["input_ids"].shape[0], batch["input_ids"].shape[1])
+    return mask.sum(1).cpu().numpy()
+
+
+def _run_one(args, ln, batch, vocab_size, device, timer):
+    """Build, probe and predict one placement; its record in signal_propagation.json."""
+    from dslm.theory import predict
+
+    config = _config(args, ln, vocab_size, _r0_config(args, ln, vocab_size, batch))
+    model = _timed(timer, "build_s", device, _build, args, config, device)
+    r0_input, measured = _timed(timer, "probe_s", device, _probe, args, model, batch)
+    del model
+    lengths = _lengths(batch)
+    pred = _timed(timer, "predict_s", device, predict, config, lengths=lengths, r0=r0_input)
+    return {
+        "init": args.init, "ln": ln, "config": config.to_dict(),
+        "batch": {"sequences": int(len(lengths)), "seq_len": int(batch["input_ids"].shape[1]),
+                  "real_tokens": int(lengths.sum()), "mean_length": float(lengths.mean())},
+        "r0_input": r0_input,
+        **_compared(measured, pred),
+        "seconds": dict(timer),
+    }
+
+
+def _compared(measured, pred) -> dict:
+    """The measured and predicted curves side by side (the predicted gradients on the measurement's
+    scale), their agreement and a summary."""
+    from dslm.theory import agreement, normalise
 
     scale = float(np.exp(np.mean(np.log(measured.grad_norm) - np.log(pred.grad_norm))))
-    p_norm = pred.grad_norm * scale
     p_gvar = normalise(pred.grad_variance, measured.grad_variance)
     stats = {
         "forward_variance": agreement(pred.forward_variance, measured.forward_variance),
         "correlation": agreement(pred.correlation, measured.correlation),
-        "grad_norm": agreement(p_norm, measured.grad_norm, log=True),
+        "grad_norm": agreement(pred.grad_norm * scale, measured.grad_norm, log=True),
         "grad_variance": agreement(p_gvar, measured.grad_variance, log=True),
         "grad_correlation": agreement(pred.grad_correlation, measured.grad_correlation),
     }
-    g = measured.grad_norm
     return {
-        "init": init, "ln": ln, "config": config.to_dict(),
-        "batch": {"sequences": int(len(lengths)), "seq_len": int(batch["input_ids"].shape[1]),
-                  "real_tokens": int(lengths.sum()), "mean_length": float(lengths.mean())},
-        "r0_input": r0_input,
         **measured.layer_curves(),
         **pred.layer_curves("predicted_", grad_scale=scale),
         # the stream gradient's variance is matched to the measurement on its own
@@ -204,111 +277,25 @@ def _run_one(args, ln, batch, vocab_size, device, timer):
         "predicted_embedding_variance": pred.embedding_variance,
         "loss": measured.loss,
         "agreement": stats,
-        "summary": {
-            "forward_variance_first_mid_last": [float(measured.forward_variance[i])
-                                                for i in (0, len(g) // 2 - 1, len(g) - 1)],
-            "forward_variance_range": [float(measured.forward_variance.min()),
-                                       float(measured.forward_variance.max())],
-            "grad_norm_first_mid_last": [float(g[i]) for i in (0, len(g) // 2 - 1, len(g) - 1)],
-            "grad_norm_max_over_min": float(g.max() / g.min()),
-            "grad_norm_top_over_bottom": float(g[-1] / g[0]),
-        },
-        "seconds": dict(timer),
+        "summary": _summary(measured),
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# figures
-
-
-def _plot_curve(run, key, ylabel, title, path, log=False):
-    from dslm.plotting import plt, save
-
-    layers = np.arange(1, len(run[key]) + 1)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot(layers, run[key], "o", ms=3, color="C0", label="measured")
-    ax.plot(layers, run["predicted_" + key], "-", lw=1.6, color="C3", label="theory")
-    st = run["agreement"][key]
-    values = np.concatenate([run[key], run["predicted_" + key]])
-    lo, hi = float(values.min()), float(values.max())
-    ratio = float(np.max(run[key]) / np.min(run[key]))
-    flat = ratio < 1.5
-    if log:
-        ax.set_yscale("log")
-        if flat:                      # a decade around the curve, so flat reads as flat
-            ax.set_ylim(lo / 3, hi * 3)
-    elif flat:
-        ax.set_ylim(0, 2 * hi)
-    ax.set_xlabel("layer")
-    ax.set_ylabel(ylabel)
-    if flat:   # R^2 of a flat curve measures sampling noise, not the prediction
-        fit = f"flat (measured max/min {ratio:.2f}), R$^2$ not informative"
-    else:
-        fit = f"R$^2$ {st['r2']:.3f}{' (log)' if st['log'] else ''}"
-    ax.set_title(f"{title}\n{fit}, max rel. error {100 * st['max_rel_error']:.1f} %", fontsize=10)
-    ax.grid(alpha=0.3, which="both" if log else "major")
-    ax.legend()
-    save(fig, path)
-
-
-def _plot_correlation(runs, path):
-    from dslm.plotting import plt, save
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for j, run in enumerate(runs):
-        layers = np.arange(1, len(run["correlation"]) + 1)
-        name = LN_NAME[run["ln"]]
-        ax.plot(layers, run["correlation"], "o", ms=3, color=f"C{2 * j}", label=f"{name} measured")
-        ax.plot(layers, run["predicted_correlation"], "-", color=f"C{2 * j + 1}",
-                label=f"{name} theory (R$^2$ {run['agreement']['correlation']['r2']:.2f})")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("cross-token correlation of the residual stream")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(f"{runs[0]['init']}: correlation", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save(fig, path)
-
-
-def _describe(run) -> str:
-    c = run["config"]
-    text = (f"{run['init']} {LN_NAME[run['ln']]}, {c['num_layers']} layers, d {c['hidden_size']}, "
-            f"L {run['batch']['seq_len']}, batch {run['batch']['sequences']}")
-    from dslm.model import BertConfig
-
-    lam2, beta2 = BertConfig.from_dict(c).residual_variances()
-    if run["init"] == "deepnorm":
-        text += f", $\\alpha$ {math.sqrt(lam2):.4g}"
-    elif (lam2, beta2) != (1.0, 1.0):
-        text += f", $\\lambda^2$/$\\beta^2$ {lam2:.4g}/{beta2:.4g}"
-    return text
-
-
-def _write_figures(runs, out: Path) -> list[Path]:
-    written = []
-    for run in runs:
-        tag = "preln" if run["ln"] == "pre" else "postln"
-        desc = _describe(run)
-        path = out / f"{tag}_forward.png"
-        _plot_curve(run, "forward_variance", "variance of the residual stream", desc, path)
-        written.append(path)
-        path = out / f"{tag}_backward.png"
-        _plot_curve(run, "grad_norm", "gradient norm of the layer's weights", desc, path, log=True)
-        written.append(path)
-    path = out / "correlation.png"
-    _plot_correlation(runs, path)
-    written.append(path)
-    return written
-
-
-def replot(folder) -> list[Path]:
-    """Redraw the PNGs of ``folder`` from its signal_propagation.json (no model, no device)."""
-    folder = Path(folder)
-    record = json.loads((folder / "signal_propagation.json").read_text())
-    return _write_figures(record["runs"], folder)
+def _summary(measured) -> dict:
+    """First / middle / last layer and range of the measured forward variance and gradient norm."""
+    fv, g = measured.forward_variance, measured.grad_norm
+    picks = (0, len(g) // 2 - 1, len(g) - 1)
+    return {
+        "forward_variance_first_mid_last": [float(fv[i]) for i in picks],
+        "forward_variance_range": [float(fv.min()), float(fv.max())],
+        "grad_norm_first_mid_last": [float(g[i]) for i in picks],
+        "grad_norm_max_over_min": float(g.max() / g.min()),
+        "grad_norm_top_over_bottom": float(g[-1] / g[0]),
+    }
 
 
 def _summary_line(run) -> str:
+    """One run in one printed line: forward variance, correlation and gradient norm, and agreement."""
     a, s = run["agreement"], run["summary"]
     fv = s["forward_variance_first_mid_last"]
     gn = s["grad_norm_first_mid_last"]
@@ -319,7 +306,28 @@ def _summary_line(run) -> str:
             f"max err {100 * a['grad_norm']['max_rel_error']:.1f} %)")
 
 
+def _record(args, settings: dict, device, data_dir: Path, runs: list, start: float) -> dict:
+    """signal_propagation.json: the command's settings, the machine and every run's record."""
+    import torch
+
+    return {
+        "command": "dslm figures", "arch": args.arch, "init": args.init, "preset": args.preset,
+        "settings": settings, "seed": args.seed, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__, "data": str(data_dir),
+        "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2 ** 30
+                            if device.type == "cuda" else None),
+        "runs": runs,
+        "total_seconds": time.perf_counter() - start,
+        "notes": ("forward_variance and correlation are absolute predictions from the component "
+                  "formulas; predicted_grad_norm is the relative prediction times grad_norm_scale, "
+                  "the one constant (the loss's gradient scale, outside the theory) that matches "
+                  "the geometric means. R^2 of gradient curves is computed on log values."),
+    }
+
+
 def run(args) -> int:
+    """Every placement of one init scheme: probe, predict, plot, and write signal_propagation.json."""
     import torch
     from tqdm import tqdm
 
@@ -329,14 +337,12 @@ def run(args) -> int:
     placements = _placements(args)
     for ln in placements:   # fail on impossible settings before any work (the vocabulary comes later)
         _config(args, ln, vocab_size=30522)
-    out = Path(args.out) if args.out else Path("outputs") / "figures" / args.init
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
+    out = _out(args)
     torch.manual_seed(args.seed)
     batch, vocab_size, data_dir = _batch(args)
 
-    print(f"dslm figures: init {args.init}, preset {args.preset} ({args.layers} layers, d {args.hidden}, "
-          f"{args.heads} heads, L {args.seq_len}, batch {args.batch}, dropout {args.dropout}), "
+    print(f"dslm figures: {ARCH_NAME[args.arch]}init {args.init}, preset {args.preset} "
+          f"({args.layers} layers, d {args.hidden}, {args.heads} heads, L {args.seq_len}, batch {args.batch}, dropout {args.dropout}), "
           f"device {device}, seed {args.seed}", flush=True)
     runs = []
     bar = tqdm(placements, desc="figures", unit="run", disable=args.quiet)
@@ -349,21 +355,8 @@ def run(args) -> int:
     bar.close()
 
     out.mkdir(parents=True, exist_ok=True)
-    written = _write_figures(runs, out)
-    record = {
-        "command": "dslm figures", "init": args.init, "preset": args.preset, "settings": settings,
-        "seed": args.seed, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "data": str(data_dir),
-        "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2 ** 30
-                            if device.type == "cuda" else None),
-        "runs": runs,
-        "total_seconds": time.perf_counter() - start,
-        "notes": ("forward_variance and correlation are absolute predictions from the component "
-                  "formulas; predicted_grad_norm is the relative prediction times grad_norm_scale, "
-                  "the one constant (the loss's gradient scale, outside the theory) that matches "
-                  "the geometric means. R^2 of gradient curves is computed on log values."),
-    }
+    written = write_figures(runs, out, args.arch)
+    record = _record(args, settings, device, data_dir, runs, start)
     json_path = out / "signal_propagation.json"
     write_text_atomic(json_path, json.dumps(record, indent=1) + "\n")
     for run_ in runs:

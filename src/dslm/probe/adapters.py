@@ -42,8 +42,7 @@ class ProbeAdapter:
     side first. ``grads(block)``: role -> gradient of that role's weight matrix, for all six roles
     (a fused QKV matrix split here). ``losses(model, batch)``: one micro-batch's loss terms (the
     batch has the data layer's keys), ``{"mlm" | "binary" | "lm": (mean loss, labels averaged
-    over)}``,
-    so the probe can weight each micro-batch by its share of the labels. ``stream(block)``: the
+    over)}``, so the probe can weight each micro-batch by its share of the labels. ``stream(block)``: the
     stream after the block (default: the block's output).
     """
 
@@ -112,6 +111,7 @@ HF_BERT = ProbeAdapter(
 
 
 def _dslm_lm_losses(model, batch: dict) -> dict:
+    """The decoder's next-token loss over the batch's ``targets`` and their count."""
     out = model(batch["input_ids"], targets=batch["targets"], attention_mask=batch.get("attention_mask"))
     return {"lm": (out.loss, out.count)}
 
