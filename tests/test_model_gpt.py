@@ -126,3 +126,20 @@ def test_config_rejects_bad_values():
         GPTConfig(**SMALL, init="deepnorm", ln="pre")
     with pytest.raises(ValueError, match="unknown GPTConfig keys: type_vocab_size"):
         GPTConfig.from_dict({**SMALL, "type_vocab_size": 2})
+
+
+def test_decoder_r0_is_half_the_same_token_rate():
+    """With word and position tables of equal std, only repeated tokens share a part: r0 equals
+    half the chance that two tokens of a sequence are the same token (DECODER_R0's measurement)."""
+    from dslm.probe.r0 import measure_r0
+    from dslm.theory.dslm_init import DECODER_R0
+
+    assert GPTConfig().r0 == DECODER_R0
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=300, hidden_size=1024, num_layers=2, num_heads=4,
+                               max_position_embeddings=64, init="dslm", ln="pre"))
+    ids = torch.randint(0, 8, (16, 64))                  # 8 tokens: P(same) = 1/8 up to sampling
+    counts = torch.stack([torch.bincount(row, minlength=8) for row in ids]).double()
+    same = ((counts * (counts - 1)).sum(1) / (64 * 63)).mean().item()
+    assert measure_r0(model, {"input_ids": ids}) == pytest.approx(same / 2, abs=0.01)
+    assert measure_r0(model, {"input_ids": torch.arange(64).repeat(16, 1)}) < 0.01   # no repeats

@@ -307,5 +307,5 @@ def test_predict_reads_a_gpt_config():
     assert first[0] / first[1] == pytest.approx(1 / (2 * n), rel=1e-9)
     dslm = GPTConfig(init="dslm", beta2=1 / n, **sizes)
     assert predict(dslm, seq_len=32, batch_size=2).embedding_variance == pytest.approx(1.0)
-    np.testing.assert_array_equal(scheme_stds(dslm)["v"], dslm_stds(64, n, 0.1, 1 - 1 / n, 1 / n,
+    np.testing.assert_array_equal(scheme_stds(dslm)["v"], dslm_stds(64, n, 0.1, 1 - 1 / n, 1 / n, dslm.r0,
                                                                    causal_len=32, embedding_tables=2).vo)

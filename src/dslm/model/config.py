@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from dslm.theory.deepnorm import deepnorm_alpha
-from dslm.theory.dslm_init import REFERENCE_R0, dslm_stds, residual_scales
+from dslm.theory.dslm_init import DECODER_R0, REFERENCE_R0, dslm_stds, residual_scales
 
 LN_CHOICES = ("post", "pre")
 ACTIVATION_CHOICES = ("relu", "gelu", "gelu_tanh")
@@ -191,14 +191,16 @@ class GPTConfig(TransformerConfig):
     choice); untied, it is its own matrix drawn with the scheme's head std, and the DSLM logit scale
     is 1 (the head std already gives unit-variance logits).
     The DSLM init runs its s_vo recursion with causal attention over ``max_position_embeddings``
-    tokens and two embedding tables (THEORY.md, "DSLM init for decoders")."""
+    tokens and two embedding tables (THEORY.md, "DSLM init for decoders"), from ``r0`` =
+    :data:`dslm.theory.dslm_init.DECODER_R0` (single-segment English text; ``--r0 auto`` measures
+    it on the data)."""
 
     vocab_size: int = 50257
     max_position_embeddings: int = 1024
     ln: str = "pre"
     activation: str = "gelu_tanh"
     init: str = "gpt2"
-    r0: float = REFERENCE_R0
+    r0: float = DECODER_R0
     tie_word_embeddings: bool = True
 
     causal = True
