@@ -99,9 +99,16 @@ def make_batch(b, length, vocab, device, seed=0):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def time_steps(step, warmup, steps):
+def time_steps(step, warmup, steps, device="cuda"):
+    """Seconds per call of ``step`` after ``warmup`` calls: CUDA events on a GPU, the wall clock
+    (after the queue drained) on the CPU."""
     for _ in range(warmup):
         step()
+    if torch.device(device).type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - t0) / steps
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -145,26 +152,32 @@ class BenchTask:
             model.head_loss = torch.compile(model.head_loss)
 
 
-def ours_step(config, batch, variant):
+def engine_step(task, batch, variant, device="cuda"):
     """The engine's step, :meth:`Trainer.train_step <dslm.train.engine.Trainer.train_step>` (forward,
-    backward, clip 1.0, non-finite skip, fused AdamW, schedule), eager or as CUDA graphs
-    (``ours-graphs``: :class:`dslm.train.graphs.GraphedStep`, which also runs its first steps
-    eagerly), compiled per layer (``ours-compiled``) or as a whole (``ours-compiled-full``; ``-ro``:
-    with torch.compile's own CUDA graphs, mode="reduce-overhead"; ``-ma``: mode="max-autotune",
-    which also benchmarks Triton GEMM templates with fused epilogues against cuBLAS and uses CUDA
-    graphs). Returns the model and a function running one step on ``batch``."""
-    b, length = batch["input_ids"].shape
+    backward, clip 1.0, non-finite skip, fused AdamW, schedule) of ``task`` on the fixed ``batch``,
+    bf16 autocast: eager, compiled (``ours-compiled*``: the task's ``compile_model``) or as CUDA
+    graphs (``ours-graphs``: :class:`dslm.train.graphs.GraphedStep`, which also runs its first steps
+    eagerly). Returns the model and a function running one step."""
+    b = batch["input_ids"].shape[0]
     cfg = TrainConfig(out_dir=str(Path(tempfile.gettempdir()) / "bench_pretrain"), steps=10**9, global_batch=b,
                       micro_batch=b, lr=1e-4, warmup=0, weight_decay=0.01, clip=1.0, precision="bf16",
                       compile=variant.startswith("ours-compiled"), cuda_graphs="graphs" in variant,
-                      device="cuda", progress=False)   # nothing is written unless a step is non-finite
-    trainer = Trainer(BenchTask(config, length, variant), cfg, D.setup("cuda"))
+                      device=device, progress=False)   # nothing is written unless a step is non-finite
+    trainer = Trainer(task, cfg, D.setup(device))
 
     def step():
         if variant.endswith("-ro"):     # torch.compile's CUDA graphs: a new iteration begins
             torch.compiler.cudagraph_mark_step_begin()
         trainer.train_step([batch])
     return trainer.model, step
+
+
+def ours_step(config, batch, variant):
+    """:func:`engine_step` of BERT pretraining (:class:`BenchTask`), compiled per layer
+    (``ours-compiled``) or as a whole (``ours-compiled-full``; ``-ro``: with torch.compile's own CUDA
+    graphs, mode="reduce-overhead"; ``-ma``: mode="max-autotune", which also benchmarks Triton GEMM
+    templates with fused epilogues against cuBLAS and uses CUDA graphs)."""
+    return engine_step(BenchTask(config, batch["input_ids"].shape[1], variant), batch, variant)
 
 
 def bench_ours(config, batch, variant, warmup, steps):
@@ -188,20 +201,28 @@ def bench_hf(config, batch, warmup, steps):
                          hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, attn_implementation="sdpa")
     model = HFBert(hf_config).cuda().train()
     assert model.config._attn_implementation == "sdpa"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
-    params = list(model.parameters())
     args = dict(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
                 attention_mask=batch["attention_mask"], labels=batch["mlm_labels"],
                 next_sentence_label=batch["binary_labels"])
+    return time_steps(hf_step(model, args), warmup, steps), None
+
+
+def hf_step(model, args, device="cuda"):
+    """One training step of an HF model as the benchmarks time it: forward under bf16 autocast (the
+    model computes its loss from ``args``), backward, clip 1.0 (foreach), fused AdamW (lr 1e-4,
+    weight decay 0.01), gradients set to None."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
+    params = list(model.parameters())
+    device_type = torch.device(device).type
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
             loss = model(**args).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return time_steps(step, warmup, steps), None
+    return step
 
 
 def throughput(args):

@@ -20,7 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "approximations": ("dslm.sim.approximations", "plot the exact ReLU / FFN correlation maps against their approximations"),
     "prepare-data": ("dslm.data.command", "prepare a pretraining dataset: text source -> WordPiece vocab -> token store"),
     "figures": ("dslm.figures", "signal-propagation figures: probe a deep BERT at init and overlay the theory's prediction"),
-    "pretrain": ("dslm.pretrain.command", "pretrain BERT (MLM + binary head) with the dslm training engine"),
+    "pretrain": ("dslm.pretrain.command", "pretrain BERT (MLM + binary head) or a GPT decoder (next-token LM) "
+                                          "with the dslm training engine"),
     "finetune": ("dslm.finetune.command", "finetune a pretrained BERT on MNLI, QQP, RACE or the shipped demo task"),
     "finetune-sweep": ("dslm.finetune.sweep", "run a finetuning lr x seed sweep and write its results table"),
     "study": ("dslm.study.command", "run a pretraining study (shapes x schemes x lrs x seeds) and its results"),

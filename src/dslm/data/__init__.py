@@ -1,8 +1,10 @@
-"""Data: corpora, WordPiece vocabulary, memory-mapped token store and BERT pretraining samples.
+"""Data: corpora, WordPiece vocabulary, memory-mapped token store, BERT pretraining samples and
+next-token windows.
 
 ``prepare_dataset`` (the ``dslm prepare-data`` command) turns a text source into a dataset
-directory; ``PretrainingDataset`` reads samples of one split from it and ``make_loader`` batches
-them for training (sharded over ranks, resumable); ``load_tokenizer`` gives the directory's
+directory; ``PretrainingDataset`` reads BERT samples of one split from it and ``make_loader``
+batches them for training (sharded over ranks, resumable); ``NextTokenDataset`` reads the same
+split as next-token windows for a decoder; ``load_tokenizer`` gives the directory's
 tokenizer; ``ensure_embedded_dataset`` prepares the shipped corpus once for jobs that need data
 without a download.
 
@@ -12,6 +14,7 @@ import importlib
 
 _EXPORTS = {
     "PretrainingDataset": "dslm.data.dataset",
+    "NextTokenDataset": "dslm.data.nexttoken",
     "make_loader": "dslm.data.loader",
     "prepare_dataset": "dslm.data.prepare",
     "ensure_embedded_dataset": "dslm.data.prepare",

@@ -1,7 +1,8 @@
 """``PretrainingDataset``: BERT pretraining samples of one split of a prepared dataset directory.
 
 It checks the directory (manifest version, file sizes, token-store header, vocabulary, and the
-SHA-256 of every file on first use: :func:`dslm.data.manifest.verify_files`), cuts the
+SHA-256 of every file on first use: :class:`PreparedData`, which the next-token windows of
+:mod:`dslm.data.nexttoken` open the same way), cuts the
 split's documents into chunks (:func:`dslm.data.samples.build_chunks`) and builds samples on
 demand. ``len(ds)`` is the number of chunks, i.e. samples per epoch; an index past it continues into
 later epochs (another order, other segment cuts and masks), so a run of any length indexes the
@@ -9,6 +10,7 @@ dataset directly and sample ``i`` is the same on every rank, worker count and re
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,46 @@ def check_token_ids(store: TokenStore, vocab_size: int, chunk: int = 1 << 24) ->
                              "vocabulary (corrupt); re-run 'dslm prepare-data --force'")
 
 
+def check_split(split: str) -> None:
+    """A one-line error unless ``split`` is one of train, valid, test."""
+    if split not in SPLITS:
+        raise UsageError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+
+
+@dataclass
+class PreparedData:
+    """A prepared dataset directory, opened and checked: its manifest, vocabulary and token store."""
+
+    directory: Path
+    manifest: dict
+    vocab: list[str]
+    store: TokenStore
+
+    @classmethod
+    def open(cls, data_dir: str | Path) -> "PreparedData":
+        """Open ``data_dir`` after checking the manifest version and file sizes, the vocabulary and the
+        store's counts against the manifest, and (on first use) the SHA-256 of every file and every
+        token id against the vocabulary; anything wrong is a one-line :class:`UsageError`."""
+        directory = Path(data_dir)
+        manifest = read_manifest(directory)
+        check_files(directory, manifest)
+        vocab = read_vocab(directory / VOCAB_FILE)
+        if len(vocab) != manifest["vocab_size"]:
+            raise UsageError(f"{directory / VOCAB_FILE}: {len(vocab)} tokens, the manifest says "
+                             f"{manifest['vocab_size']}")
+        store = TokenStore(directory)
+        counts = manifest["counts"]
+        if (store.n_docs, store.n_sentences, store.n_tokens) != (counts["documents"], counts["sentences"], counts["tokens"]):
+            raise UsageError(f"{directory}: token store and manifest disagree on the counts (corrupt)")
+        if BIN_FILE in verify_files(directory, manifest):
+            check_token_ids(store, len(vocab))
+        return cls(directory, manifest, vocab, store)
+
+    def documents(self, split: str) -> np.ndarray:
+        """The sorted document ids of ``split`` (:func:`dslm.data.split.split_documents`)."""
+        return split_documents(self.store.n_docs, tuple(self.manifest["split"]["weights"]))[split]
+
+
 class PretrainingDataset(torch.utils.data.Dataset):
     """Samples ``{input_ids, token_type_ids, attention_mask, mlm_labels, binary_labels}`` (int64
     tensors; the first four of length ``seq_len``, ``binary_labels`` a scalar: 1 when segments A and
@@ -43,28 +85,17 @@ class PretrainingDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_dir: str | Path, split: str = "train", seq_len: int = 512, seed: int = 1234,
                  short_seq_prob: float = 0.1, mask_prob: float = 0.15, max_ngram: int = 3, shuffle: bool = True):
-        if split not in SPLITS:
-            raise UsageError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+        check_split(split)
         if seq_len < 8:
             raise UsageError(f"seq_len {seq_len}: too short for [CLS] A [SEP] B [SEP]")
         if not (0 <= short_seq_prob <= 1 and 0 < mask_prob < 1 and max_ngram >= 1):
             raise UsageError("short_seq_prob must be in [0, 1], mask_prob in (0, 1), max_ngram >= 1")
         self.data_dir, self.split = Path(data_dir), split
-        self.manifest = read_manifest(self.data_dir)
-        check_files(self.data_dir, self.manifest)
-        self.vocab = read_vocab(self.data_dir / VOCAB_FILE)
-        if len(self.vocab) != self.manifest["vocab_size"]:
-            raise UsageError(f"{self.data_dir / VOCAB_FILE}: {len(self.vocab)} tokens, the manifest says "
-                             f"{self.manifest['vocab_size']}")
+        prepared = PreparedData.open(self.data_dir)
+        self.manifest, self.vocab, store = prepared.manifest, prepared.vocab, prepared.store
         self.special = SpecialIds.of(self.vocab)
-        store = TokenStore(self.data_dir)
-        counts = self.manifest["counts"]
-        if (store.n_docs, store.n_sentences, store.n_tokens) != (counts["documents"], counts["sentences"], counts["tokens"]):
-            raise UsageError(f"{self.data_dir}: token store and manifest disagree on the counts (corrupt)")
-        if BIN_FILE in verify_files(self.data_dir, self.manifest):
-            check_token_ids(store, len(self.vocab))
         self.config = SampleConfig(seq_len, short_seq_prob, mask_prob, max_ngram)
-        docs = split_documents(store.n_docs, tuple(self.manifest["split"]["weights"]))[split]
+        docs = prepared.documents(split)
         offsets = store.sent_offsets.view(np.ndarray)
         first, end = build_chunks(store.doc_index.view(np.ndarray), offsets, docs, self.config.max_tokens,
                                   short_seq_prob, np.random.default_rng([seed, CHUNKING_STREAM, _SPLIT_STREAM[split]]))

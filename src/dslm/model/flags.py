@@ -1,12 +1,13 @@
-"""The model flags that every command building a fresh BERT shares, and the :class:`BertConfig` they
-describe: one spelling of each flag (``--hidden`` is ``hidden_size``, ``--dropout`` both dropouts)
-for ``dslm pretrain``, ``dslm finetune`` and ``dslm figures``."""
+"""The model flags that every command building a fresh model shares, and the config they describe
+(:class:`BertConfig`, or :class:`GPTConfig` for ``dslm pretrain --arch gpt``): one spelling of each
+flag (``--hidden`` is ``hidden_size``, ``--dropout`` both dropouts) for ``dslm pretrain``,
+``dslm finetune`` and ``dslm figures``."""
 from __future__ import annotations
 
 import argparse
 
 from dslm.errors import UsageError
-from dslm.model.config import INIT_CHOICES, BertConfig
+from dslm.model.config import ACTIVATION_CHOICES, INIT_CHOICES, BertConfig, GPTConfig, TransformerConfig
 
 
 def parse_r0(value: str):
@@ -22,14 +23,15 @@ def parse_r0(value: str):
     return r0
 
 
-# flag dest -> (the BertConfig field it sets, its argparse keywords; the default is None unless given)
+# flag dest -> (the config field it sets, its argparse keywords; the default is None unless given)
 MODEL_FLAGS = {
     "layers": ("num_layers", {"type": int, "help": "transformer layers"}),
     "hidden": ("hidden_size", {"type": int, "help": "model width d"}),
     "heads": ("num_heads", {"type": int, "help": "attention heads"}),
     "ffn": ("ffn_size", {"type": int, "help": "FFN width (default 4 d)"}),
     "ln": ("ln", {"choices": ("post", "pre"), "help": "LayerNorm placement"}),
-    "activation": ("activation", {"choices": ("relu", "gelu"), "help": "FFN activation"}),
+    "activation": ("activation", {"choices": ACTIVATION_CHOICES,
+                                  "help": "FFN activation (gelu: exact; gelu_tanh: GPT-2's tanh approximation)"}),
     "init": ("init", {"choices": INIT_CHOICES, "help": "init scheme (deepnorm: Post-LN only)"}),
     "dslm_mode": ("dslm_mode", {"choices": ("both", "init", "scaling"), "default": "both",
                                 "help": "with --init dslm: init + residual scaling, init only, or scaling only"}),
@@ -38,7 +40,8 @@ MODEL_FLAGS = {
     "dslm_k": ("dslm_k", {"type": float, "default": 1.0, "help": "beta^2 = k / layers when --beta2 is not given"}),
     "r0": ("r0", {"type": parse_r0,
                   "help": "input correlation for the DSLM init: a number in (0, 1], or 'auto' where the command "
-                          f"measures it on a data batch (dslm pretrain, dslm figures); default {BertConfig.r0:.3f}"}),
+                          f"measures it on a data batch (dslm pretrain, dslm figures); default {BertConfig.r0:.3f}, "
+                          f"decoders {GPTConfig.r0:.3f}"}),
 }
 
 
@@ -54,12 +57,13 @@ def add_model_arguments(group, defaults: dict | None = None, exclude: tuple[str,
                                **{**keywords, "default": d.get(dest, keywords.get("default"))})
 
 
-def config_from_args(args, vocab_size: int, seq_len: int, **fields) -> BertConfig:
-    """The :class:`BertConfig` of the model flags in ``args`` (and ``args.dropout``), with
-    ``max(512, seq_len)`` positions; ``--r0 auto`` leaves the default r0 for the caller to replace
-    with a measurement. ``fields``: BertConfig fields the command sets itself (a flag it left out
-    with ``exclude``, a measured r0, its own position count); they win over the flags. An impossible
-    combination is a one-line :class:`UsageError`."""
+def config_from_args(args, vocab_size: int, seq_len: int, config_class: type[TransformerConfig] = BertConfig,
+                     **fields) -> TransformerConfig:
+    """The ``config_class`` config (:class:`BertConfig` unless given) of the model flags in ``args``
+    (and ``args.dropout``), with ``max(512, seq_len)`` positions; ``--r0 auto`` leaves the default r0
+    for the caller to replace with a measurement. ``fields``: config fields the command sets itself
+    (a flag it left out with ``exclude``, a measured r0, its own position count); they win over the
+    flags. An impossible combination is a one-line :class:`UsageError`."""
     kw = {field: getattr(args, dest) for dest, (field, _) in MODEL_FLAGS.items() if hasattr(args, dest)}
     if not isinstance(kw.get("r0"), float):   # auto or not given: the default until measured
         kw.pop("r0", None)
@@ -67,6 +71,6 @@ def config_from_args(args, vocab_size: int, seq_len: int, **fields) -> BertConfi
               hidden_dropout=args.dropout, attention_dropout=args.dropout)
     kw.update(fields)
     try:
-        return BertConfig(**kw)
+        return config_class(**kw)
     except ValueError as e:
         raise UsageError(f"model: {e}") from None

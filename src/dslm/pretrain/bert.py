@@ -14,6 +14,7 @@ from torch import nn
 from dslm.errors import UsageError
 from dslm.model import BertConfig, BertForPreTraining
 from dslm.model.flops import bert_flops_per_token
+from dslm.pretrain.shared import compile_whole_or_per_layer, parameter_count, with_measured_r0
 from dslm.runtime import is_main_process, resolve_device
 
 
@@ -75,13 +76,8 @@ class PretrainTask:
 
     def build_model(self) -> nn.Module:
         if self.r0_auto and self.config.uses_dslm_init:
-            from dslm.probe import measure_r0
-
-            probe = BertForPreTraining(self.config)
             batch = self.dataset("train").get_batch(range(min(64, len(self.dataset("train")))))
-            r0 = measure_r0(probe, batch)
-            self.config = BertConfig.from_dict({**self.config.to_dict(), "r0": r0})
-            print(f"measured r0 = {r0:.4f}", flush=True)
+            self.config = with_measured_r0(self.config, BertForPreTraining(self.config).bert.embeddings, batch)
         model = BertForPreTraining(self.config)
         if self.grad_profile and is_main_process():
             self.profiles["init"] = self.signal_profile(model)
@@ -114,8 +110,7 @@ class PretrainTask:
 
     def parameter_count(self) -> int:
         """Parameters of the model this task builds, counted on the meta device (nothing allocated)."""
-        with torch.device("meta"):
-            return sum(p.numel() for p in BertForPreTraining(self.config, init=False).parameters())
+        return parameter_count(BertForPreTraining, self.config)
 
     def run_files(self) -> dict:
         """The run folder carries its vocabulary, so that `dslm finetune --init-from` finds it."""
@@ -150,12 +145,6 @@ class PretrainTask:
         return bert_flops_per_token(self.config, self.seq_len, self.max_predictions / self.seq_len)
 
     def compile_model(self, model) -> None:
-        """Up to 24 layers: one graph for the whole model and loss (BERT-base on an H100: 486k
-        tokens/s against 456k per layer). Deeper: each transformer layer (one graph reused by all of
-        them) and the head + loss, so that compile time does not grow with depth."""
-        if len(model.bert.layers) <= 24:
-            model.compile()
-            return
-        for layer in model.bert.layers:
-            layer.compile()
-        model.head_loss = torch.compile(model.head_loss)
+        """The whole model up to 24 layers, else each layer and the head + loss
+        (:func:`~dslm.pretrain.shared.compile_whole_or_per_layer`)."""
+        compile_whole_or_per_layer(model, model.bert.layers, head="head_loss")
