@@ -1,4 +1,8 @@
-"""dslm.runtime: one device resolver and one main-process test for every command."""
+"""dslm.runtime: one device resolver and one main-process test for every command; loader workers
+that never hold up the exit."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -51,3 +55,31 @@ def test_training_commands_check_safetensors_before_any_work(monkeypatch, tmp_pa
     assert main(argv) == 2
     assert "pip install 'dslm[train]'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+STUCK_WORKER = '''
+import time, torch
+from dslm.runtime import WorkerLoader
+
+class Stuck(torch.utils.data.Dataset):
+    def __len__(self):
+        return 100
+    def __getitem__(self, i):
+        while i >= 2:                   # a worker busy for ever (it ignores SIGTERM by design)
+            time.sleep(0.1)
+        return torch.tensor(i)
+
+if __name__ == "__main__":
+    batches = iter(WorkerLoader(Stuck(), batch_size=1, num_workers=1, prefetch_factor=2))
+    print("first batch", next(batches).item(), flush=True)
+'''
+
+
+def test_exit_does_not_wait_for_a_busy_loader_worker(tmp_path):
+    """A worker still inside __getitem__ when the process exits is killed: the exit neither hangs
+    (multiprocessing would join it for ever) nor reports the kill as a loader failure."""
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_WORKER)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "first batch 0" and "killed by signal" not in done.stderr

@@ -3,9 +3,11 @@ writes (rank 0 of a torchrun job, or a plain process), and data-loader workers t
 signals to it."""
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import signal
+import weakref
 
 import torch
 
@@ -48,12 +50,36 @@ def _worker_leaves_stop_signals(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+_WORKERS: weakref.WeakSet = weakref.WeakSet()   # every WorkerLoader worker process started here
+_KILLER_REGISTERED = False
+
+
+def _kill_stuck_workers() -> None:
+    """At exit, SIGKILL the loader workers still alive. PyTorch ends a worker that does not stop when
+    asked with SIGTERM, which these workers ignore; multiprocessing would then wait for it forever."""
+    stuck = [worker for worker in list(_WORKERS) if worker.is_alive()]
+    if stuck and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # PyTorch's handler would report the kill as a failure
+    for worker in stuck:
+        worker.kill()
+        worker.join(timeout=5)
+
+
+def _track_workers(iterator) -> None:
+    global _KILLER_REGISTERED
+    if not _KILLER_REGISTERED:      # registered after multiprocessing's own exit hook, so it runs first
+        atexit.register(_kill_stuck_workers)
+        _KILLER_REGISTERED = True
+    _WORKERS.update(getattr(iterator, "_workers", ()))
+
+
 class WorkerLoader(torch.utils.data.DataLoader):
     """A DataLoader whose worker processes leave SIGTERM/SIGINT to the main process, so that a signal
     sent to the whole process group (``timeout``, Slurm, Kubernetes) reaches only the training loop,
     which checkpoints and stops; the workers end when it drops the loader. The signals are blocked
     while the workers start, so none can arrive before a worker ignores them (a signal that arrives
-    meanwhile is delivered to the main process when they are unblocked)."""
+    meanwhile is delivered to the main process when they are unblocked). A worker that is still busy
+    when the process exits is killed (:func:`_kill_stuck_workers`), so exit never waits on it."""
 
     def __init__(self, *args, **kwargs):
         if kwargs.get("num_workers", 0) > 0:
@@ -65,6 +91,8 @@ class WorkerLoader(torch.utils.data.DataLoader):
             return super().__iter__()
         old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            return super().__iter__()
+            iterator = super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _track_workers(iterator)
+        return iterator
