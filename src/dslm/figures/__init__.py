@@ -14,7 +14,7 @@ fp32, dropout 0.1; dslm lam2/beta2 0.995/0.005); --preset small is a CPU-sized d
 model flags are dslm pretrain's (dslm.model.flags, less --ln); a flag given wins over the preset.
 --arch gpt builds the decoder (dslm.model.GPTLMHeadModel: causal attention, word + position
 embeddings, tied LM head) from the same flags and probes its next-token loss on next-token windows
-of the same data (dslm.figures.decoder); its default folder is outputs/figures/gpt/<init>.
+of the same data (dslm.data.NextTokenDataset); its default folder is outputs/figures/gpt/<init>.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import numpy as np
 from dslm.errors import UsageError
 from dslm.figures.plots import ARCH_NAME, LN_NAME, replot, write_figures  # noqa: F401 (replot: public)
 from dslm.files import write_text_atomic
+from dslm.model.config import BertConfig, GPTConfig
 from dslm.model.flags import add_model_arguments, config_from_args
 from dslm.runtime import resolve_device
 
@@ -127,13 +128,9 @@ def _config(args, ln: str, vocab_size: int, r0=None):
     ``ln``, exactly --seq-len positions and, where given, a measured r0; a :class:`GPTConfig` with
     --arch gpt."""
     measured = {} if r0 is None else {"r0": r0}
-    config = config_from_args(args, vocab_size, args.seq_len, ln=ln,
-                              max_position_embeddings=args.seq_len, **measured)
-    if args.arch == "gpt":
-        from dslm.figures.decoder import decoder_config
-
-        return decoder_config(config)
-    return config
+    config_class = GPTConfig if args.arch == "gpt" else BertConfig
+    return config_from_args(args, vocab_size, args.seq_len, config_class, ln=ln,
+                            max_position_embeddings=args.seq_len, **measured)
 
 
 def _batch(args):
